@@ -1,0 +1,55 @@
+"""SFT: minimise -E_D log pi_theta(y^E | x), the baseline every method is compared to."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from ..config import TrainConfig
+from ..data import Example, global_batches
+from ..losses import sft_loss
+from ..training import Run, completion_logprobs, start_run, steps_for
+
+
+def sft_micro_loss(run: Run):
+    """Summed NLL of a micro-batch's completion tokens (normalised by the step)."""
+
+    def micro_loss(items: list[Example]):
+        batch = run.collate([e.prompt_ids for e in items], [e.completion_ids for e in items])
+        logps = completion_logprobs(run.model, batch)
+        nll = sft_loss(logps, batch["completion_mask"], 1.0)
+        return nll, {"loss": nll}
+
+    return micro_loss
+
+
+def completion_tokens(items: list[Example]) -> int:
+    return sum(len(e.completion_ids) for e in items)
+
+
+def train(cfg: TrainConfig) -> Path:
+    run = start_run(cfg)
+    examples = run.examples
+    per_epoch, total = steps_for(len(examples), run.global_batch_size, cfg.epochs)
+    run.setup_optimizer(total)
+    state = run.resume() or {"step": 0}
+    micro_loss = sft_micro_loss(run)
+    bar = run.progress(total, state["step"])
+    for step in range(state["step"], total):
+        epoch, i = divmod(step, per_epoch)
+        batches = global_batches(len(examples), run.global_batch_size, cfg.seed, epoch, min_size=run.world)
+        if i >= len(batches):  # a tail batch too small to split over the processes
+            continue
+        t0 = time.time()
+        stats = run.optimizer_step([examples[j] for j in batches[i]], micro_loss, completion_tokens)
+        tokens = completion_tokens([examples[j] for j in batches[i]])
+        if (step + 1) % cfg.log_every == 0 or step + 1 == total:
+            run.log_metrics({"step": step + 1, "epoch": round((step + 1) / per_epoch, 4), **stats,
+                             "completion_tokens": tokens, "step_seconds": round(time.time() - t0, 3)})
+        bar.update(1)
+        bar.set_postfix(loss=f"{stats['loss']:.4f}")
+        end_of_epoch = (step + 1) % per_epoch == 0 or step + 1 == total
+        if end_of_epoch or (cfg.save_every and (step + 1) % cfg.save_every == 0):
+            run.save_checkpoint({"step": step + 1})
+    bar.close()
+    return run.finish()

