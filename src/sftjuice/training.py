@@ -103,7 +103,10 @@ class Run:
             num_warmup_steps=int(self.cfg.warmup_ratio * total_steps),
             num_training_steps=total_steps,
         )
-        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(self.model, self.optimizer, self.scheduler)
+        # The schedule counts global steps; accelerate's prepared scheduler would step once
+        # per process, so it is only registered for checkpointing.
+        self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        self.accelerator.register_for_checkpointing(self.scheduler)
 
     # --------------------------------------------------------- optimiser step
     def optimizer_step(

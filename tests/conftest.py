@@ -1,0 +1,82 @@
+"""Shared fixtures: a tiny Llama built from a config, with the real SmolLM2 tokenizer."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> Path:
+    from sftjuice.models import resolve_model
+
+    return resolve_model("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(default_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(default_model_dir)
+
+
+def build_tiny_model(tokenizer, seed: int = 0, **overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = dict(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    cfg.update(overrides)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**cfg)).float()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
+    """An HF directory holding a tiny random Llama and the real SmolLM2 tokenizer."""
+    path = tmp_path_factory.mktemp("tiny")
+    build_tiny_model(tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def sort_rows(n: int = 24):
+    """Demonstrations from the shipped demo data (real generator output)."""
+    src = REPO / "src/sftjuice/demo_data/comparison__sort.train.jsonl"
+    return [json.loads(line) for line in src.read_text().splitlines()[:n]]
+
+
+@pytest.fixture
+def demo_file(tmp_path) -> Path:
+    return write_jsonl(tmp_path / "demos.jsonl", sort_rows())
+
+
+def run_cli(*args: str, env: dict | None = None, check: bool = True, launcher: list[str] | None = None):
+    """Run the real command line in a fresh process."""
+    cmd = (launcher or [sys.executable, "-m", "sftjuice.cli"]) + [str(a) for a in args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd=REPO)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def read_metrics(output: Path) -> list[dict]:
+    return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]

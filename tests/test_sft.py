@@ -1,0 +1,183 @@
+"""SFT: the loss against a hand computation, outputs, config, distributed and resumed runs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sftjuice.algorithms import sft
+from sftjuice.config import TrainConfig, parse_args
+from sftjuice.training import start_run
+
+from .conftest import REPO, read_metrics, run_cli
+
+
+def test_sft_loss_is_mean_nll_of_completion_tokens(tiny_model_dir, demo_file, tmp_path):
+    cfg = TrainConfig(model=str(tiny_model_dir), data=str(demo_file), output=str(tmp_path / "o"),
+                      per_device_batch_size=2, learning_rate=0.0)
+    run = start_run(cfg)
+    run.setup_optimizer(1)
+    items = run.examples[:5]  # 3 micro-batches of 2, 2, 1 with different lengths
+    stats = run.optimizer_step(items, sft.sft_micro_loss(run), sft.completion_tokens)
+
+    model = run.policy
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for e in items:  # one unpadded sequence at a time, full log-softmax
+            ids = torch.tensor([e.prompt_ids + e.completion_ids])
+            logp = model(ids).logits[0].log_softmax(-1)
+            for t, tok in enumerate(e.completion_ids):
+                nll -= logp[len(e.prompt_ids) + t - 1, tok].item()
+                count += 1
+    assert stats["loss"] == pytest.approx(nll / count, rel=1e-5)
+
+
+def test_sft_gradient_matches_a_single_full_batch(tiny_model_dir, demo_file, tmp_path):
+    """Micro-batching (padding, accumulation) must not change the gradient."""
+    cfg = TrainConfig(model=str(tiny_model_dir), data=str(demo_file), output=str(tmp_path / "o"),
+                      per_device_batch_size=2, max_grad_norm=0.0)
+    run = start_run(cfg)
+    run.setup_optimizer(1)
+    items = run.examples[:6]
+    loss_fn = sft.sft_micro_loss(run)
+    run.optimizer.step = lambda: None  # keep the gradient, skip the update
+    run.optimizer.zero_grad = lambda set_to_none=True: None
+    run.optimizer_step(items, loss_fn, sft.completion_tokens)
+    accumulated = {n: p.grad.clone() for n, p in run.model.named_parameters()}
+    run.model.zero_grad()
+    loss, _ = loss_fn(items)
+    (loss / sft.completion_tokens(items)).backward()
+    for n, p in run.model.named_parameters():
+        torch.testing.assert_close(accumulated[n], p.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_config_file_sets_options_and_flags_win(tmp_path):
+    (tmp_path / "c.yaml").write_text("learning-rate: 0.001\nepochs: 3\nlora: true\ndata: d.jsonl\n")
+    cfg = parse_args(TrainConfig, ["--config", str(tmp_path / "c.yaml"), "--epochs", "2"], prog="t")
+    assert (cfg.learning_rate, cfg.epochs, cfg.lora, cfg.data) == (0.001, 2.0, True, "d.jsonl")
+    (tmp_path / "bad.yaml").write_text("learning_rat: 1\n")
+    from sftjuice.config import SftjuiceError
+
+    with pytest.raises(SftjuiceError, match="bad.yaml: unknown option 'learning_rat'"):
+        parse_args(TrainConfig, ["--config", str(tmp_path / "bad.yaml")], prog="t")
+
+
+TRAIN = ["--epochs", "2", "--learning-rate", "1e-3", "--seed", "3"]
+
+
+def test_final_directory_round_trip(tiny_model_dir, demo_file, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "o"
+    run_cli("train", "--model", tiny_model_dir, "--data", demo_file, "--output", out, *TRAIN)
+    final = out / "final"
+    model = AutoModelForCausalLM.from_pretrained(final)
+    tok = AutoTokenizer.from_pretrained(final)
+    assert tok.chat_template == AutoTokenizer.from_pretrained(tiny_model_dir).chat_template
+    ckpt = sorted((out / "checkpoints").glob("step-*"))[-1]
+    trained = load_file(ckpt / "model.safetensors")
+    for name, tensor in model.state_dict().items():
+        if name in trained:
+            torch.testing.assert_close(tensor, trained[name], rtol=0, atol=0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert not torch.equal(base.model.layers[0].mlp.up_proj.weight, model.model.layers[0].mlp.up_proj.weight)
+    losses = [m["loss"] for m in read_metrics(out)]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+
+
+def test_lora_adapter_and_merged_model(tiny_model_dir, demo_file, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "o"
+    run_cli("train", "--model", tiny_model_dir, "--data", demo_file, "--output", out, *TRAIN,
+            "--lora", "--lora-r", "4", "--merge-lora")
+    assert (out / "final" / "adapter_config.json").exists()
+    adapted = AutoModelForCausalLM.from_pretrained(out / "final")
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    ids = torch.tensor([[1, 4093, 198, 1780, 314, 216, 34, 2]])
+    with torch.no_grad():
+        a, m, b = adapted(ids).logits, merged(ids).logits, base(ids).logits
+    torch.testing.assert_close(a, m, rtol=1e-4, atol=1e-4)
+    assert (a - b).abs().max() > 1e-3  # the adapter learned something
+
+
+@pytest.mark.multiprocess
+def test_two_processes_match_one_with_the_same_global_batch(tiny_model_dir, demo_file, tmp_path):
+    common = ["train", "--model", tiny_model_dir, "--data", demo_file, *TRAIN, "--per-device-batch-size", "2"]
+    run_cli(*common, "--output", tmp_path / "one", "--gradient-accumulation-steps", "2")
+    accelerate = Path(sys.executable).parent / "accelerate"
+    run_cli(*common, "--output", tmp_path / "two",
+            # accelerate 1.15: "--cpu" with several processes needs mpirun and silently starts one;
+            # "--multi_gpu" on a machine without GPUs starts real processes over gloo (MULTI_CPU)
+            launcher=[str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                      "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "sftjuice.cli"])
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert len(one) == len(two) == 12
+    for a, b in zip(one, two):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+        assert a["lr"] == pytest.approx(b["lr"], rel=1e-6)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)
+    w1, w2 = load_file(tmp_path / "one/final/model.safetensors"), load_file(tmp_path / "two/final/model.safetensors")
+    for name in w1:
+        torch.testing.assert_close(w1[name], w2[name], rtol=1e-4, atol=1e-5)
+
+
+def kill_when(proc: subprocess.Popen, ready, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not ready():
+        if proc.poll() is not None:
+            raise AssertionError("the run ended before it could be killed:\n" + proc.stderr.read()[-3000:])
+        assert time.time() < deadline, "timed out waiting to kill the run"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=0)
+
+
+def test_killed_sft_run_resumes_to_the_same_weights(tiny_model_dir, demo_file, tmp_path):
+    args = ["train", "--model", tiny_model_dir, "--data", demo_file, *TRAIN, "--per-device-batch-size", "4",
+            "--save-every", "2"]
+    run_cli(*args, "--output", tmp_path / "straight")
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "sftjuice.cli", *map(str, args), "--output", str(out)],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    kill_when(proc, lambda: (out / "checkpoints" / "step-0000004").exists())
+    assert not (out / "final").exists()
+    run_cli(*args, "--output", out, "--resume")
+    assert_same_weights(tmp_path / "straight/final", out / "final")
+    assert [m["step"] for m in read_metrics(out)] == list(range(1, 13))
+    assert read_metrics(out) == [{**m, "time": n["time"], "step_seconds": n["step_seconds"]}
+                                 for m, n in zip(read_metrics(tmp_path / "straight"), read_metrics(out))]
+
+
+@pytest.mark.realmodel
+def test_real_default_model_loads_and_answers(default_model_dir):
+    from sftjuice.config import ModelConfig, SamplingConfig
+    from sftjuice.data import ChatFormat
+    from sftjuice.generation import sample
+    from sftjuice.models import load_policy, load_tokenizer, stop_token_ids
+
+    model = load_policy(ModelConfig(), default_model_dir, trainable=False)
+    tok = load_tokenizer(default_model_dir)
+    chat = ChatFormat(tok, stop_token_ids(model))
+    prompt = chat.prompt_ids([{"role": "user", "content": "What is 2+3?"}])
+    [[s]] = sample(model, [prompt], SamplingConfig(temperature=0, max_new_tokens=12), chat.stop_token_ids,
+                   tok.pad_token_id, seed=0, progress=False)
+    text = chat.decode(s.token_ids)
+    assert "5" in text and s.finished, text
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
