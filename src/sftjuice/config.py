@@ -58,7 +58,7 @@ class SamplingConfig:
 
 @dataclass
 class TrainConfig(ModelConfig, DataConfig, SamplingConfig):
-    method: Literal["sft"] = _f("sft", "training method")
+    method: Literal["sft", "irft", "spin"] = _f("sft", "training method")
     output: str | None = _f(None, "output directory (checkpoints, metrics.jsonl, final/)")
     epochs: float = _f(1.0, "passes over the demonstrations")
     learning_rate: float = _f(2e-5, "peak learning rate (AdamW)")
@@ -73,6 +73,13 @@ class TrainConfig(ModelConfig, DataConfig, SamplingConfig):
     resume: bool = _f(False, "continue from the last checkpoint in --output")
     merge_lora: bool = _f(False, "with --lora: also write the merged model to OUTPUT/merged/")
     log_every: int = _f(1, "append metrics every N optimiser steps")
+    # IRFT / SPIN (Algorithm 2)
+    rounds: int = _f(4, "T: generation rounds per epoch; each round samples for its section of the data")
+    passes: int = _f(1, "K: passes over a round's (demonstration, sample) pairs")
+    beta: float = _f(0.1, "KL weight; implicit reward = beta * log(pi / pi_t)")
+    loss: Literal["logistic", "linear", "hinge"] = _f("logistic", "l(u): logistic (SPIN), linear (exact IRL gradient), hinge")
+    iterations: int = _f(1, "SPIN: generation rounds over the whole data (= --method irft --rounds 1 --epochs N)")
+    keep_previous_round: bool = _f(False, "also train on the previous round's samples (SPIN's practice)")
 
 
 @dataclass

@@ -286,20 +286,18 @@ def collate(prompts: list[list[int]], completions: list[list[int]], pad_id: int)
     }
 
 
-def global_batches(n: int, batch_size: int, seed: int, epoch: int, min_size: int = 1) -> list[list[int]]:
-    """Shuffled index batches of one epoch, identical on every process for a given seed.
-    A last batch smaller than ``min_size`` (the number of processes: each needs an item)
-    is dropped."""
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """A shuffled order of ``range(n)``, identical on every process for a given seed."""
     order = list(range(n))
     random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order
+
+
+def global_batches(n: int, batch_size: int, seed: int, epoch: int, min_size: int = 1) -> list[list[int]]:
+    """Shuffled index batches of one epoch. A last batch smaller than ``min_size`` (the
+    number of processes: each needs an item) is dropped."""
+    order = epoch_order(n, seed, epoch)
     batches = [order[i: i + batch_size] for i in range(0, n, batch_size)]
     if batches and len(batches[-1]) < min_size:
         batches.pop()
     return batches
-
-
-def split_train_eval(demos: list, n_eval: int, seed: int) -> tuple[list, list]:
-    order = list(range(len(demos)))
-    random.Random(seed).shuffle(order)
-    held = set(order[:n_eval])
-    return [d for i, d in enumerate(demos) if i not in held], [d for i, d in enumerate(demos) if i in held]

@@ -49,6 +49,24 @@ def completion_logprobs(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return logps * batch["completion_mask"]
 
 
+@torch.no_grad()
+def sequence_logprobs(model, pad_id: int, prompts: list[list[int]], completions: list[list[int]],
+                      batch_size: int = 16) -> list[float]:
+    """``log pi(completion | prompt)`` (summed over completion tokens) for many pairs."""
+    from .data import collate
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        batch = collate(prompts[i: i + batch_size], completions[i: i + batch_size], pad_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        out += completion_logprobs(model, batch).sum(-1).tolist()
+    model.train(was_training)
+    return out
+
+
 def chunks(items: list, size: int) -> list[list]:
     return [items[i: i + size] for i in range(0, len(items), size)]
 
@@ -146,6 +164,15 @@ class Run:
         if grad_norm is not None:
             out["grad_norm"] = float(grad_norm)
         return out
+
+    def map_sharded(self, items: list, fn: Callable[[list], list]) -> list:
+        """``fn`` over this process's share of ``items``; every process gets all results, in order."""
+        from accelerate.utils import gather_object
+
+        index = list(range(self.accelerator.process_index, len(items), self.world))
+        mine = list(zip(index, fn([items[i] for i in index])))
+        everything = gather_object(mine) if self.world > 1 else mine
+        return [result for _, result in sorted(everything, key=lambda pair: pair[0])]
 
     # ---------------------------------------------------------------- metrics
     def log_metrics(self, record: dict) -> None:

@@ -1,5 +1,5 @@
 """One module per training method; each exposes ``train(cfg) -> Path`` (the final/ directory)."""
 
-from . import sft
+from . import irft, sft
 
-METHODS = {"sft": sft.train}
+METHODS = {"sft": sft.train, "irft": irft.train, "spin": irft.train_spin}

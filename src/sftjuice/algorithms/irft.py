@@ -1,0 +1,191 @@
+"""IRFT: implicit reward-learning fine-tuning (Algorithm 2); SPIN is a setting of it.
+
+The policy is its own reward model, ``r(x, y) = beta * log(pi_theta(y|x) / pi_t(y|x))``
+with ``pi_t`` the policy frozen at the start of round t. Each epoch of the
+demonstrations is split into T sections; round t
+
+  1. samples responses y_hat ~ pi_t for the prompts of section t, keeping their
+     log-probs (the sampler's, so no reference model is needed) and computing
+     log pi_t(y^E|x) of the demonstrations in one forward pass;
+  2. makes K passes over the (demonstration, sample) pairs minimising
+     ``l(beta*[log pi/pi_t](y^E) - beta*[log pi/pi_t](y_hat))``.
+
+SPIN is one round over the whole data per iteration: ``--rounds 1 --epochs N``.
+Every round's samples land in ``OUTPUT/rounds/<t>/generations.jsonl`` before its
+training starts, so a resumed run never samples a finished round again.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import SftjuiceError, TrainConfig
+from ..data import Example, epoch_order, global_batches
+from ..generation import sample
+from ..losses import irl_pair_loss
+from ..storage import read_jsonl, write_jsonl
+from ..training import Run, completion_logprobs, sequence_logprobs, start_run
+
+
+@dataclass
+class Pair:
+    example: Example  # prompt and demonstration tokens
+    sample_ids: list[int]
+    ref_chosen: float  # log pi_t(y^E | x)
+    ref_rejected: float  # log pi_t(y_hat | x)
+
+
+def round_sections(n: int, rounds: int, seed: int, epoch: int) -> list[list[int]]:
+    """Split one shuffled epoch into ``rounds`` near-equal sections."""
+    order = epoch_order(n, seed, epoch)
+    return [order[t * n // rounds: (t + 1) * n // rounds] for t in range(rounds)]
+
+
+def generate_round(run: Run, r: int, section: list[int]) -> list[dict]:
+    """Sample for a section's prompts with the frozen pi_t, or reload what round ``r`` already sampled."""
+    cfg, path = run.cfg, run.output / "rounds" / str(r) / "generations.jsonl"
+    if path.exists():
+        return read_jsonl(path)
+    pad = run.tokenizer.pad_token_id
+    seed = (cfg.seed * 1_000_003 + r) * 101 + run.accelerator.process_index
+
+    def work(indices: list[int]) -> list[dict]:
+        examples = [run.examples[i] for i in indices]
+        prompts = [e.prompt_ids for e in examples]
+        samples = sample(run.policy, prompts, cfg, run.chat.stop_token_ids, pad, seed=seed, bf16=cfg.bf16,
+                         progress=run.is_main)
+        ref_chosen = sequence_logprobs(run.policy, pad, prompts, [e.completion_ids for e in examples])
+        return [
+            {"example": i, "prompt": run.demos[e.index].prompt, "demonstration": run.demos[e.index].completion,
+             "demonstration_logprob": ref,
+             "samples": [{"completion": run.chat.decode(s.token_ids), "token_ids": s.token_ids,
+                          "logprob": s.logprob, "finished": s.finished} for s in ss]}
+            for i, e, ss, ref in zip(indices, examples, samples, ref_chosen)
+        ]
+
+    rows = run.map_sharded(section, work)
+    if run.is_main:
+        write_jsonl(path, rows)
+    run.accelerator.wait_for_everyone()
+    return rows
+
+
+def pairs_of(run: Run, rows: list[dict]) -> list[Pair]:
+    return [Pair(run.examples[row["example"]], s["token_ids"], row["demonstration_logprob"], s["logprob"])
+            for row in rows for s in row["samples"]]
+
+
+def rescore(run: Run, pairs: list[Pair]) -> list[Pair]:
+    """Reference log-probs of older pairs under the current pi_t (one forward pass each)."""
+    pad = run.tokenizer.pad_token_id
+
+    def work(ps: list[Pair]) -> list[tuple[float, float]]:
+        prompts = [p.example.prompt_ids for p in ps]
+        chosen = sequence_logprobs(run.policy, pad, prompts, [p.example.completion_ids for p in ps])
+        rejected = sequence_logprobs(run.policy, pad, prompts, [p.sample_ids for p in ps])
+        return list(zip(chosen, rejected))
+
+    refs = run.map_sharded(pairs, work)
+    return [Pair(p.example, p.sample_ids, c, r) for p, (c, r) in zip(pairs, refs)]
+
+
+def irft_micro_loss(run: Run):
+    cfg = run.cfg
+
+    def micro_loss(pairs: list[Pair]):
+        prompts = [p.example.prompt_ids for p in pairs]
+        # demonstrations and samples share their prompts: one forward for both
+        batch = run.collate(prompts + prompts, [p.example.completion_ids for p in pairs] + [p.sample_ids for p in pairs])
+        logps = completion_logprobs(run.model, batch).sum(-1)
+        n = len(pairs)
+        policy_chosen, policy_rejected = logps[:n], logps[n:]
+        ref = torch.tensor([[p.ref_chosen, p.ref_rejected] for p in pairs], device=logps.device)
+        loss, r_chosen, r_rejected = irl_pair_loss(policy_chosen, ref[:, 0], policy_rejected, ref[:, 1], cfg.beta, cfg.loss)
+        margin = r_chosen - r_rejected
+        return loss.sum(), {
+            "loss": loss.sum(), "reward_chosen": r_chosen.sum(), "reward_rejected": r_rejected.sum(),
+            "margin": margin.sum(), "margin_positive": (margin > 0).float().sum(),
+            "logp_chosen": policy_chosen.detach().sum(), "logp_rejected": policy_rejected.detach().sum(),
+        }
+
+    return micro_loss
+
+
+def count(pairs: list) -> int:
+    return len(pairs)
+
+
+def plan_rounds(run: Run) -> list[dict]:
+    """Every round's section and number of optimiser steps, fixed before training starts
+    (the learning-rate schedule needs the total)."""
+    cfg = run.cfg
+    n_rounds = max(1, round(cfg.epochs * cfg.rounds))
+    plan = []
+    for r in range(n_rounds):
+        epoch, t = divmod(r, cfg.rounds)
+        section = round_sections(len(run.examples), cfg.rounds, cfg.seed, epoch)[t]
+        n_pairs = len(section) * cfg.num_samples + (plan[-1]["new_pairs"] if cfg.keep_previous_round and plan else 0)
+        per_pass = len(global_batches(n_pairs, run.global_batch_size, 0, 0, min_size=run.world))
+        plan.append({"section": section, "new_pairs": len(section) * cfg.num_samples, "steps": per_pass * cfg.passes})
+    return plan
+
+
+def train(cfg: TrainConfig) -> Path:
+    if cfg.rounds < 1 or cfg.passes < 1:
+        raise SftjuiceError("--rounds and --passes must be >= 1")
+    run = start_run(cfg)
+    plan = plan_rounds(run)
+    run.setup_optimizer(sum(p["steps"] for p in plan))
+    state = run.resume() or {"step": 0}
+    micro_loss = irft_micro_loss(run)
+    bar = run.progress(sum(p["steps"] for p in plan), state["step"])
+    step, previous = 0, []
+    for r, rnd in enumerate(plan):
+        if step + rnd["steps"] <= state["step"]:  # finished before a resume
+            step += rnd["steps"]
+            continue
+        t0 = time.time()
+        rows = generate_round(run, r, rnd["section"])
+        pairs = pairs_of(run, rows)
+        if cfg.keep_previous_round and r > 0:
+            if not previous:  # resumed: the previous round's samples are on disk
+                previous = pairs_of(run, read_jsonl(run.output / "rounds" / str(r - 1) / "generations.jsonl"))
+            pairs = pairs + rescore(run, previous)
+        t1 = time.time()
+        for k in range(cfg.passes):
+            for batch in global_batches(len(pairs), run.global_batch_size, cfg.seed, r * 1000 + k, min_size=run.world):
+                step += 1
+                if step <= state["step"]:
+                    continue
+                stats = run.optimizer_step([pairs[i] for i in batch], micro_loss, count)
+                if step % cfg.log_every == 0:
+                    run.log_metrics({"step": step, "round": r, "pass": k, **stats})
+                bar.update(1)
+                bar.set_postfix(round=r, loss=f"{stats['loss']:.4f}", margin=f"{stats['margin']:.3f}")
+                if cfg.save_every and step % cfg.save_every == 0 and step != step_end(plan, r):
+                    run.save_checkpoint({"step": step, "round": r})
+        samples = [s for row in rows for s in row["samples"]]
+        run.log_metrics({
+            "step": step, "event": "round", "round": r, "pairs": len(pairs),
+            "sample_length_mean": sum(len(s["token_ids"]) for s in samples) / len(samples),
+            "sample_cut_fraction": sum(not s["finished"] for s in samples) / len(samples),
+            "generation_seconds": round(t1 - t0, 2), "train_seconds": round(time.time() - t1, 2),
+        })
+        run.save_checkpoint({"step": step, "round": r + 1})
+        previous = pairs_of(run, rows)
+    bar.close()
+    return run.finish()
+
+
+def step_end(plan: list[dict], r: int) -> int:
+    return sum(p["steps"] for p in plan[: r + 1])
+
+
+def train_spin(cfg: TrainConfig) -> Path:
+    """SPIN (Chen et al. 2024): IRFT with one generation round over the whole data per iteration."""
+    cfg.rounds, cfg.epochs = 1, float(cfg.iterations)
+    return train(cfg)

@@ -1,0 +1,162 @@
+"""IRFT / SPIN: sampler log-probs, the loss and its gradient, a round's effect, SPIN = IRFT, resume."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sftjuice.config import SamplingConfig, TrainConfig
+from sftjuice.data import ChatFormat, collate
+from sftjuice.generation import sample
+from sftjuice.losses import irl_pair_loss, margin_loss
+from sftjuice.models import load_policy, load_tokenizer
+from sftjuice.training import completion_logprobs, sequence_logprobs
+
+from .conftest import REPO, build_tiny_model, read_metrics, run_cli, sort_rows
+from .test_sft import assert_same_weights, kill_when
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 0.9), (0.0, 1.0)])
+def test_sampler_logprobs_equal_a_fresh_forward_pass(tokenizer, temperature, top_p):
+    model = build_tiny_model(tokenizer, seed=1).eval()
+    chat = ChatFormat(tokenizer, [tokenizer.eos_token_id])
+    prompts = [chat.prompt_ids([{"role": "user", "content": r["prompt"]}]) for r in sort_rows(5)]
+    cfg = SamplingConfig(num_samples=2, temperature=temperature, top_p=top_p, max_new_tokens=12, generation_batch_size=4)
+    samples = sample(model, prompts, cfg, [tokenizer.eos_token_id], tokenizer.pad_token_id, seed=0, progress=False)
+    assert [len(s) for s in samples] == [2] * 5
+    with torch.no_grad():
+        for p, ss in zip(prompts, samples):
+            for s in ss:  # unpadded, no cache, full log-softmax
+                ids = torch.tensor([p + s.token_ids])
+                logp = model(ids).logits[0].log_softmax(-1)
+                fresh = [logp[len(p) + t - 1, tok].item() for t, tok in enumerate(s.token_ids)]
+                torch.testing.assert_close(torch.tensor(s.logprobs), torch.tensor(fresh), atol=1e-4, rtol=0)
+
+
+def test_sampling_is_reproducible_and_stops_at_eos(tokenizer):
+    model = build_tiny_model(tokenizer, seed=1).eval()
+    with torch.no_grad():  # make the end-of-turn token likely so some rows stop early
+        model.lm_head.weight[tokenizer.eos_token_id] *= 0
+        model.model.embed_tokens.weight[tokenizer.eos_token_id] += 0.5 * model.model.norm.weight
+    prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9]]
+    cfg = SamplingConfig(num_samples=3, max_new_tokens=20)
+    a = sample(model, prompts, cfg, [tokenizer.eos_token_id], tokenizer.pad_token_id, seed=5, progress=False)
+    b = sample(model, prompts, cfg, [tokenizer.eos_token_id], tokenizer.pad_token_id, seed=5, progress=False)
+    assert [[s.token_ids for s in ss] for ss in a] == [[s.token_ids for s in ss] for ss in b]
+    for s in (s for ss in a for s in ss):
+        assert s.finished == (s.token_ids[-1] == tokenizer.eos_token_id)
+        assert tokenizer.eos_token_id not in s.token_ids[:-1]
+        assert s.finished or len(s.token_ids) == 20
+
+
+@pytest.mark.parametrize(
+    "kind, u, expected_loss, expected_dloss_du",
+    [
+        ("logistic", 0.0, 0.6931471805599453, -0.5),
+        ("logistic", 2.0, 0.12692801104297263, -0.11920292202211755),
+        ("linear", 0.7, -0.7, -1.0),
+        ("hinge", 0.25, 0.75, -1.0),
+        ("hinge", 1.5, 0.0, 0.0),
+    ],
+)
+def test_pair_loss_and_gradient_against_hand_values(kind, u, expected_loss, expected_dloss_du):
+    beta = 0.5
+    # choose log-probs whose margin is u: beta*(pc - rc) - beta*(pr - rr) = u
+    pc = torch.tensor([u / beta - 1.0], dtype=torch.float64, requires_grad=True)
+    pr = torch.tensor([-2.0], dtype=torch.float64, requires_grad=True)
+    rc, rr = torch.tensor([-1.0], dtype=torch.float64), torch.tensor([-2.0], dtype=torch.float64)
+    loss, r_c, r_r = irl_pair_loss(pc, rc, pr, rr, beta, kind)
+    assert loss.item() == pytest.approx(expected_loss, abs=1e-12)
+    assert (r_c - r_r).item() == pytest.approx(u)
+    loss.sum().backward()
+    assert pc.grad.item() == pytest.approx(beta * expected_dloss_du)
+    assert pr.grad.item() == pytest.approx(-beta * expected_dloss_du)
+    if kind != "hinge":  # (hinge has a kink at u = 1)
+        inputs = (pc.detach().requires_grad_(), pr.detach().requires_grad_())
+        assert torch.autograd.gradcheck(lambda a, b: irl_pair_loss(a, rc, b, rr, beta, kind)[0], inputs)
+
+
+def test_irft_gradient_on_a_model_follows_the_formula(tokenizer):
+    """grad L = beta * l'(u) * (grad log pi(y^E) - grad log pi(y_hat)), through a real model."""
+    model = build_tiny_model(tokenizer, seed=2)
+    prompt, demo, own = [1, 9690, 198, 2683], [216, 34, 28, 2], [520, 9531, 198, 17, 2]
+    ref_c, ref_r, beta = -40.0, -38.0, 0.3
+    batch = collate([prompt, prompt], [demo, own], tokenizer.pad_token_id)
+    lp = completion_logprobs(model, batch).sum(-1)
+    loss, rc, rr = irl_pair_loss(lp[:1], torch.tensor([ref_c]), lp[1:], torch.tensor([ref_r]), beta, "logistic")
+    grads = torch.autograd.grad(loss.sum(), list(model.parameters()), retain_graph=True)
+    u = (rc - rr).item()
+    g_c = torch.autograd.grad(lp[0], list(model.parameters()), retain_graph=True)
+    g_r = torch.autograd.grad(lp[1], list(model.parameters()))
+    dl_du = -torch.sigmoid(torch.tensor(-u)).item()
+    for g, a, b in zip(grads, g_c, g_r):
+        torch.testing.assert_close(g, beta * dl_du * (a - b), rtol=1e-4, atol=1e-7)
+    assert margin_loss(torch.tensor(u), "logistic").item() == pytest.approx(F.softplus(torch.tensor(-u)).item())
+
+
+IRFT = ["--epochs", "1", "--learning-rate", "1e-3", "--seed", "4", "--max-new-tokens", "10",
+        "--per-device-batch-size", "4", "--lr-scheduler", "constant"]
+
+
+def test_a_linear_loss_round_raises_demonstrations_and_lowers_samples(wrong_task_model_dir, demo_file, tmp_path):
+    out = tmp_path / "o"
+    run_cli("train", "--method", "irft", "--model", wrong_task_model_dir, "--data", demo_file, "--output", out,
+            *IRFT, "--rounds", "1", "--passes", "2", "--loss", "linear", "--num-samples", "2", "--learning-rate", "3e-4")
+    rows = [json.loads(line) for line in (out / "rounds/0/generations.jsonl").read_text().splitlines()]
+    assert len(rows) == 24 and all(len(r["samples"]) == 2 for r in rows)
+    tok = load_tokenizer(out / "final")
+    chat = ChatFormat(tok, [tok.eos_token_id])
+    prompts = [chat.prompt_ids(r["prompt"]) for r in rows]
+    after = load_policy(TrainConfig(), out / "final", trainable=False)
+    demo_after = sequence_logprobs(after, tok.pad_token_id, prompts, [chat.completion_ids(r["prompt"], r["demonstration"]) for r in rows])
+    sample_after = sequence_logprobs(after, tok.pad_token_id, prompts, [r["samples"][0]["token_ids"] for r in rows])
+    demo_before = [r["demonstration_logprob"] for r in rows]
+    sample_before = [r["samples"][0]["logprob"] for r in rows]
+    assert sum(demo_after) / 24 > sum(demo_before) / 24 + 10.0
+    assert sum(sample_after) / 24 < sum(sample_before) / 24 - 1.0
+    steps = [m for m in read_metrics(out) if "event" not in m]
+    assert steps[0]["margin"] == pytest.approx(0.0, abs=1e-3)  # pi_theta = pi_t at the start of the round
+    assert steps[-1]["margin"] > 0.5 and steps[-1]["margin_positive"] > 0.9
+    [round_record] = [m for m in read_metrics(out) if m.get("event") == "round"]
+    assert round_record["pairs"] == 48 and 0 < round_record["sample_length_mean"] <= 10
+    assert round_record["sample_cut_fraction"] < 0.5  # the model answers and stops
+
+
+def test_spin_equals_irft_with_matching_settings(tiny_model_dir, demo_file, tmp_path):
+    common = ["--model", tiny_model_dir, "--data", demo_file, *IRFT, "--passes", "1"]
+    run_cli("train", "--method", "spin", "--iterations", "2", *common, "--output", tmp_path / "spin")
+    run_cli("train", "--method", "irft", *common, "--rounds", "1", "--epochs", "2", "--output", tmp_path / "irft")
+    assert_same_weights(tmp_path / "spin/final", tmp_path / "irft/final")
+    assert len(list((tmp_path / "spin/rounds").iterdir())) == 2
+
+
+def test_keep_previous_round_adds_rescored_older_pairs(tiny_model_dir, demo_file, tmp_path):
+    out = tmp_path / "o"
+    run_cli("train", "--method", "irft", "--model", tiny_model_dir, "--data", demo_file, "--output", out, *IRFT,
+            "--rounds", "3", "--keep-previous-round")
+    rounds = [m for m in read_metrics(out) if m.get("event") == "round"]
+    assert [r["pairs"] for r in rounds] == [8, 16, 16]
+
+
+def test_killed_irft_run_resumes_without_resampling_and_ends_identical(tiny_model_dir, demo_file, tmp_path):
+    args = ["train", "--method", "irft", "--model", tiny_model_dir, "--data", demo_file, *IRFT,
+            "--rounds", "3", "--passes", "2", "--save-every", "3"]
+    run_cli(*args, "--output", tmp_path / "straight")
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "sftjuice.cli", *map(str, args), "--output", str(out)],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # kill inside round 1, after its samples were written and a mid-round checkpoint was taken
+    kill_when(proc, lambda: (out / "checkpoints/step-0000006").exists() and (out / "rounds/1/generations.jsonl").exists())
+    round0 = (out / "rounds/0/generations.jsonl").stat().st_mtime_ns
+    round1 = (out / "rounds/1/generations.jsonl").stat().st_mtime_ns
+    run_cli(*args, "--output", out, "--resume")
+    assert (out / "rounds/0/generations.jsonl").stat().st_mtime_ns == round0
+    assert (out / "rounds/1/generations.jsonl").stat().st_mtime_ns == round1
+    assert_same_weights(tmp_path / "straight/final", out / "final")
+    for r in range(3):
+        assert (out / f"rounds/{r}/generations.jsonl").read_text() == (tmp_path / f"straight/rounds/{r}/generations.jsonl").read_text()
