@@ -7,7 +7,8 @@ With ``u`` the margin between the demonstration and a model's own sample,
          implicit reward of the policy against the round's frozen copy ``pi_t``.
          logistic ``l(u) = log(1+e^-u)`` is SPIN's (and DPO's) loss; linear ``-u`` is the
          exact maximum-likelihood IRL gradient; hinge ``max(0, 1-u)`` is SLiC's;
-- RFT reward step: the same ``l`` on an explicit reward model's scores.
+- RFT reward step: the same ``l`` on an explicit reward model's scores;
+- RFT policy step: PPO-clip on RLOO advantages of ``r - beta * sum_t log(pi/pi_ref)``.
 """
 
 from __future__ import annotations
@@ -67,3 +68,38 @@ def reward_pair_loss(
     """Reward-model loss per pair (demonstration = chosen, own sample = rejected).
     The linear loss is unbounded below, so ``l2`` penalises the reward values' size."""
     return margin_loss(r_chosen - r_rejected, kind) + l2 * (r_chosen.square() + r_rejected.square())
+
+
+# RFT policy step: KL-regularised policy gradient against the learned reward (Algorithm 1)
+
+
+def kl_penalty(logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-token KL estimate ``log pi(y_t) - log pi_ref(y_t)`` (k1) summed over the response
+    tokens, per sequence. For ``y ~ pi`` it is unbiased for ``KL(pi(.|x) || pi_ref(.|x))``,
+    and ``r - beta * kl_penalty`` used as a REINFORCE reward gives the exact gradient of
+    ``E[r] - beta * KL`` (what the closed form ``pi_ref * exp(r / beta)`` maximises)."""
+    return ((logps - ref_logps) * mask).sum(-1)
+
+
+def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
+    """REINFORCE leave-one-out (Ahmadian et al. 2024): ``rewards[..., n]`` holds the n >= 2
+    samples of one prompt; each is baselined by the mean reward of the other n - 1, an
+    unbiased baseline that needs no value model."""
+    n = rewards.shape[-1]
+    if n < 2:
+        raise ValueError("RLOO needs at least 2 samples per prompt")
+    return rewards - (rewards.sum(-1, keepdim=True) - rewards) / (n - 1)
+
+
+def ppo_clip_loss(
+    logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, clip_range: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO-clip surrogate (Schulman et al. 2017) per sequence, on sequence log-probs (sums
+    over response tokens) with the sampler's as ``old_logps``: the sequence is one action, as
+    the advantage is one number per sequence (TRL's RLOOTrainer does the same). At ratio 1
+    the gradient is ``-A * grad log pi(y|x)``; once the ratio left ``[1-eps, 1+eps]`` in the
+    advantage's direction the gradient is 0. Returns ``(loss, clipped)``."""
+    ratio = (logps - old_logps).exp()
+    loss = -torch.min(ratio * advantages, ratio.clamp(1 - clip_range, 1 + clip_range) * advantages)
+    clipped = ((ratio > 1 + clip_range) & (advantages > 0)) | ((ratio < 1 - clip_range) & (advantages < 0))
+    return loss, clipped

@@ -139,3 +139,29 @@ def save_model(model, tokenizer, out: Path, merge_lora: bool = False) -> None:
         with atomic_dir(out.parent / "merged") as tmp:
             merged.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
+
+
+def load_reward_model(path: Path, pad_token_id: int | None = None):
+    """A scalar reward model: ``AutoModelForSequenceClassification`` with one label, in fp32.
+    From a causal LM directory the backbone loads and the score head starts at HF's random
+    init; from a saved reward model everything loads. The head reads the last token that is
+    not ``pad_token_id`` (HF's rule), so the config must name the padding token."""
+    from transformers import AutoModelForSequenceClassification
+
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise SftjuiceError(f"{path}: cannot load as a reward model (sequence classification): {e}") from None
+    if pad_token_id is not None:
+        model.config.pad_token_id = pad_token_id
+    if model.config.pad_token_id is None:
+        raise SftjuiceError(f"{path}: the reward model's config has no pad_token_id")
+    return model
+
+
+def save_reward_model(model, tokenizer, out: Path) -> None:
+    """Write an HF sequence-classification directory ``out`` atomically (with the tokenizer,
+    whose chat template renders the prompts it scores)."""
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
