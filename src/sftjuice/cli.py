@@ -14,6 +14,7 @@ commands:
   demo       the whole idea on the default model, in minutes on a CPU
   train      train a policy from demonstrations (--method sft | ...)
   generate   sample responses for prompts, with their token log-probs
+  reward     score prompt/response files with a learned reward model (sftjuice reward score)
 """
 
 
@@ -49,7 +50,17 @@ def cmd_demo(argv: list[str]) -> None:
     run_demo(parse_args(DemoConfig, argv, prog="sftjuice demo"))
 
 
-COMMANDS = {"demo": cmd_demo, "train": cmd_train, "generate": cmd_generate}
+def cmd_reward(argv: list[str]) -> None:
+    from .algorithms.rft import score_file
+    from .config import RewardScoreConfig
+
+    if not argv or argv[0] != "score":
+        raise SftjuiceError("usage: sftjuice reward score --reward-model DIR --data FILE --output FILE.jsonl")
+    cfg = parse_args(RewardScoreConfig, argv[1:], prog="sftjuice reward score")
+    print(f"scores: {score_file(cfg)}")
+
+
+COMMANDS = {"demo": cmd_demo, "train": cmd_train, "generate": cmd_generate, "reward": cmd_reward}
 
 
 def main(argv: list[str] | None = None) -> int:

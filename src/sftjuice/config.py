@@ -58,7 +58,7 @@ class SamplingConfig:
 
 @dataclass
 class TrainConfig(ModelConfig, DataConfig, SamplingConfig):
-    method: Literal["sft", "irft", "spin"] = _f("sft", "training method")
+    method: Literal["sft", "irft", "spin", "rft"] = _f("sft", "training method")
     output: str | None = _f(None, "output directory (checkpoints, metrics.jsonl, final/)")
     epochs: float = _f(1.0, "passes over the demonstrations")
     learning_rate: float = _f(2e-5, "peak learning rate (AdamW)")
@@ -80,11 +80,25 @@ class TrainConfig(ModelConfig, DataConfig, SamplingConfig):
     loss: Literal["logistic", "linear", "hinge"] = _f("logistic", "l(u): logistic (SPIN), linear (exact IRL gradient), hinge")
     iterations: int = _f(1, "SPIN: generation rounds over the whole data (= --method irft --rounds 1 --epochs N)")
     keep_previous_round: bool = _f(False, "also train on the previous round's samples (SPIN's practice)")
+    # RFT (Algorithm 1); also uses --rounds, --beta (KL weight to pi_ref) and the sampling flags (--num-samples >= 2)
+    policy_steps: int = _f(1, "K: PPO-clip passes over a round's samples against the current reward (each in global batches)")
+    reward_loss: Literal["logistic", "linear"] = _f("logistic", "reward-step l(u): logistic (Bradley-Terry) or linear (exact IRL gradient; needs --reward-l2)")
+    reward_l2: float = _f(0.0, "L2 penalty on the reward values of each pair, bounds the linear loss")
+    reward_model: str | None = _f(None, "reward model's starting point (HF directory); default: the policy's starting model")
+    reward_learning_rate: float = _f(2e-5, "reward model's peak learning rate (AdamW, same schedule as the policy's)")
+    clip_range: float = _f(0.2, "PPO-clip epsilon on the ratio pi_theta / pi_t of a whole sample")
 
 
 @dataclass
 class GenerateConfig(ModelConfig, DataConfig, SamplingConfig):
     output: str | None = _f(None, "JSONL file for the samples")
+
+
+@dataclass
+class RewardScoreConfig(DataConfig):
+    reward_model: str | None = _f(None, "reward model directory (e.g. OUTPUT/reward_model of an RFT run)")
+    output: str | None = _f(None, "JSONL file: the input rows, each with its 'reward'")
+    batch_size: int = _f(16, "sequences scored together")
 
 
 def _to_field_names(cls, raw: dict, source: str) -> dict:

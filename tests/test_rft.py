@@ -1,0 +1,227 @@
+"""RFT: reward loss, RLOO/KL/PPO-clip against hand values, a reward step, a policy step
+within its KL budget, the saved reward model, `reward score`, kill and resume."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sftjuice.algorithms import rft
+from sftjuice.config import SamplingConfig, SftjuiceError, TrainConfig, parse_args
+from sftjuice.data import ChatFormat, Example
+from sftjuice.generation import sample
+from sftjuice.losses import kl_penalty, ppo_clip_loss, reward_pair_loss, rloo_advantages
+from sftjuice.models import load_policy, load_reward_model, load_tokenizer
+from sftjuice.storage import read_jsonl
+
+from .conftest import REPO, read_metrics, run_cli, sort_rows, write_jsonl
+from .test_sft import assert_same_weights, kill_when
+
+
+# ------------------------------------------------------------------ pure functions
+
+
+@pytest.mark.parametrize(
+    "kind, l2, r_c, r_r, expected_loss, expected_grad_c, expected_grad_r",
+    [
+        # log(1 + e^-0.5); d/dr_c = -sigmoid(-0.5) = -d/dr_r
+        ("logistic", 0.0, 1.0, 0.5, 0.47407698418010663, -0.3775406687981454, 0.3775406687981454),
+        # -(1 - 0.5) + 0.1 * (1 + 0.25); d/dr_c = -1 + 0.1 * 2 * 1, d/dr_r = 1 + 0.1 * 2 * 0.5
+        ("linear", 0.1, 1.0, 0.5, -0.375, -0.8, 1.1),
+        # -(-2 - 1) + 0.5 * (4 + 1); d/dr_c = -1 + 0.5 * 2 * (-2), d/dr_r = 1 + 0.5 * 2 * 1
+        ("linear", 0.5, -2.0, 1.0, 5.5, -3.0, 2.0),
+    ],
+)
+def test_reward_loss_against_hand_values(kind, l2, r_c, r_r, expected_loss, expected_grad_c, expected_grad_r):
+    chosen = torch.tensor([r_c], dtype=torch.float64, requires_grad=True)
+    rejected = torch.tensor([r_r], dtype=torch.float64, requires_grad=True)
+    loss = reward_pair_loss(chosen, rejected, kind, l2)
+    assert loss.item() == pytest.approx(expected_loss, abs=1e-12)
+    loss.sum().backward()
+    assert chosen.grad.item() == pytest.approx(expected_grad_c)
+    assert rejected.grad.item() == pytest.approx(expected_grad_r)
+
+
+def test_rloo_advantages_and_kl_against_a_hand_example():
+    rewards = torch.tensor([[1.0, 2.0, 6.0], [0.0, 0.0, 3.0]])
+    # each sample minus the mean of its prompt's other samples
+    expected = torch.tensor([[1 - 4.0, 2 - 3.5, 6 - 1.5], [0 - 1.5, 0 - 1.5, 3 - 0.0]])
+    torch.testing.assert_close(rloo_advantages(rewards), expected)
+    torch.testing.assert_close(rloo_advantages(rewards).sum(-1), torch.zeros(2))  # a zero-mean baseline per prompt
+    with pytest.raises(ValueError):
+        rloo_advantages(torch.ones(3, 1))
+
+    logps = torch.tensor([[-1.0, -2.0, -0.5], [-0.1, -3.0, 9.9]])
+    ref = torch.tensor([[-1.5, -1.0, -0.5], [-0.4, -2.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])  # the second sequence has 2 tokens
+    torch.testing.assert_close(kl_penalty(logps, ref, mask), torch.tensor([0.5 - 1.0 + 0.0, 0.3 - 1.0]))
+
+    # the round's computation: 2 prompts x 2 samples, reward minus beta * summed per-token KL
+    ex = Example([1], [2], 0)
+    rollouts = [rft.Rollout(ex, [5, 2], [-1.0, -0.5], [-2.0, -0.5]),  # kl 1.0
+                rft.Rollout(ex, [7], [-0.2], [-0.2]),  # kl 0
+                rft.Rollout(ex, [5, 6, 2], [-1.0, -1.0, -1.0], [-0.5, -0.5, -0.5]),  # kl -1.5
+                rft.Rollout(ex, [2], [-0.3], [-1.3])]  # kl 1.0
+    advantages, kl = rft.rollout_advantages(rollouts, [3.0, 1.0, 0.0, 2.0], beta=0.5, n=2)
+    torch.testing.assert_close(kl, torch.tensor([1.0, 0.0, -1.5, 1.0]))
+    shaped = [3.0 - 0.5, 1.0, 0.0 + 0.75, 2.0 - 0.5]
+    torch.testing.assert_close(advantages, torch.tensor([shaped[0] - shaped[1], shaped[1] - shaped[0],
+                                                         shaped[2] - shaped[3], shaped[3] - shaped[2]]))
+
+
+def test_ppo_clip_loss_gradient_against_the_formula():
+    """At ratio 1: d loss / d log pi = -A. Clipped in the advantage's direction: gradient 0."""
+    eps = 0.2
+    old = torch.tensor([-3.0, -3.0, -3.0, -3.0, -3.0], dtype=torch.float64)
+    log_ratio = torch.tensor([0.0, 0.0, math.log(1.5), math.log(1.5), math.log(0.5)], dtype=torch.float64)
+    adv = torch.tensor([2.0, -1.0, 2.0, -1.0, -1.0], dtype=torch.float64)
+    logps = (old + log_ratio).requires_grad_()
+    loss, clipped = ppo_clip_loss(logps, old, adv, eps)
+    ratio = log_ratio.exp()
+    # -min(ratio * A, clip(ratio) * A): A > 0 with ratio 1.5 is capped at 1.2 * A; A < 0 with ratio 0.5 at 0.8 * A
+    torch.testing.assert_close(loss.detach(), torch.tensor([-2.0, 1.0, -1.2 * 2, 1.5, 0.8], dtype=torch.float64))
+    assert clipped.tolist() == [False, False, True, False, True]
+    loss.sum().backward()
+    # unclipped: d(-ratio * A)/d log pi = -ratio * A
+    expected = torch.where(clipped, torch.zeros_like(adv), -ratio * adv)
+    torch.testing.assert_close(logps.grad, expected)
+    assert torch.autograd.gradcheck(lambda lp: ppo_clip_loss(lp, old[:2], adv[:2], eps)[0], (logps[:2].detach().requires_grad_(),))
+
+
+def test_rft_options_come_from_the_config_file_and_are_checked(tmp_path):
+    (tmp_path / "c.yaml").write_text("method: rft\npolicy-steps: 3\nreward-loss: linear\nreward_l2: 0.05\n"
+                                     "num-samples: 4\ntemperature: 0.7\nclip-range: 0.1\nreward-learning-rate: 1e-4\n")
+    cfg = parse_args(TrainConfig, ["--config", str(tmp_path / "c.yaml"), "--policy-steps", "2"], prog="t")
+    assert (cfg.method, cfg.policy_steps, cfg.reward_loss, cfg.reward_l2, cfg.num_samples, cfg.temperature,
+            cfg.clip_range, cfg.reward_learning_rate) == ("rft", 2, "linear", 0.05, 4, 0.7, 0.1, 1e-4)
+    with pytest.raises(SftjuiceError, match="--num-samples >= 2"):
+        rft.check_options(TrainConfig(method="rft", num_samples=1))
+    with pytest.raises(SftjuiceError, match="--reward-l2"):
+        rft.check_options(TrainConfig(method="rft", num_samples=2, reward_loss="linear"))
+
+
+# -------------------------------------------------------------------- on tiny models
+
+COMMON = ["--seed", "4", "--max-new-tokens", "12", "--per-device-batch-size", "8", "--lr-scheduler", "constant",
+          "--rounds", "3", "--epochs", "2"]
+
+
+@pytest.fixture(scope="module")
+def reward_run(wrong_task_model_dir, tmp_path_factory):
+    """Six rounds of reward learning against a fixed policy (no policy steps): the
+    wrong-task model, whose answers are unlike the sorting demonstrations."""
+    root = tmp_path_factory.mktemp("rft_reward")
+    data = write_jsonl(root / "demos.jsonl", sort_rows())
+    out = root / "o"
+    run_cli("train", "--method", "rft", "--model", wrong_task_model_dir, "--data", data, "--output", out, *COMMON,
+            "--num-samples", "2", "--policy-steps", "0", "--reward-learning-rate", "1e-3")
+    return out
+
+
+def test_reward_steps_raise_demonstrations_over_samples(reward_run):
+    records = [m for m in read_metrics(reward_run) if m.get("event") == "reward"]
+    assert len(records) == 6
+    for m in records:  # each step: the round's pairs are further apart after it than before
+        assert m["reward_margin"] > m["reward_heldout_margin"]
+    # on fresh prompts and samples, never seen by the reward model before its step
+    assert records[0]["reward_heldout_accuracy"] < 0.7 and abs(records[0]["reward_heldout_margin"]) < 0.1
+    assert records[-1]["reward_heldout_accuracy"] >= 0.9 and records[-1]["reward_heldout_margin"] > 1.0
+    steps = [m for m in read_metrics(reward_run) if m.get("phase") == "reward"]
+    assert len(steps) == 12 and not any(m.get("phase") == "policy" for m in read_metrics(reward_run))
+
+
+def test_saved_reward_model_reloads_with_transformers_and_gives_the_same_scores(reward_run, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(reward_run / "reward_model").eval()
+    tok = AutoTokenizer.from_pretrained(reward_run / "reward_model")
+    chat = ChatFormat(tok)
+    rows = read_jsonl(reward_run / "rounds/5/generations.jsonl")
+    pairs = [(chat.prompt_ids(r["prompt"]), chat.completion_ids(r["prompt"], r["demonstration"]), s["token_ids"])
+             for r in rows for s in r["samples"]]
+    with torch.no_grad():  # one unpadded sequence at a time, plain transformers
+        score = lambda p, c: model(torch.tensor([p + c])).logits[0, 0].item()  # noqa: E731
+        hf = [(score(p, d), score(p, s)) for p, d, s in pairs]
+    margins = [d - s for d, s in hf]
+    # the last round's record scored these pairs after its reward step, with the same weights
+    [last] = [m for m in read_metrics(reward_run) if m.get("event") == "reward" and m["round"] == 5]
+    assert sum(margins) / len(margins) == pytest.approx(last["reward_margin"], abs=1e-4)
+    assert sum(m > 0 for m in margins) / len(margins) == last["reward_accuracy"]
+
+    ours = rft.reward_scores(load_reward_model(reward_run / "reward_model"), [p for p, _, _ in pairs], [s for _, _, s in pairs])
+    torch.testing.assert_close(torch.tensor(ours), torch.tensor([s for _, s in hf]), atol=1e-5, rtol=0)
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": r["prompt"], "completion": r["demonstration"], "id": i}
+                                                  for i, r in enumerate(rows)])
+    run_cli("reward", "score", "--reward-model", reward_run / "reward_model", "--data", data, "--output", tmp_path / "s.jsonl")
+    scored = read_jsonl(tmp_path / "s.jsonl")
+    assert [r["id"] for r in scored] == list(range(len(rows)))
+    demo_scores = [d for d, _ in hf][:: len(rows[0]["samples"])]
+    torch.testing.assert_close(torch.tensor([r["reward"] for r in scored]), torch.tensor(demo_scores), atol=1e-5, rtol=0)
+
+
+def measure(policy, ref, reward, tok, prompts, n=16):
+    """Mean learned reward of the policy's samples and the k1 estimate of KL(policy || ref)."""
+    chat = ChatFormat(tok, [tok.eos_token_id])
+    cfg = SamplingConfig(num_samples=n, max_new_tokens=12)
+    samples = sample(policy, prompts, cfg, chat.stop_token_ids, tok.pad_token_id, seed=123, progress=False)
+    ps = [p for p, ss in zip(prompts, samples) for _ in ss]
+    cs = [s.token_ids for ss in samples for s in ss]
+    rewards = rft.reward_scores(reward, ps, cs)
+    ref_logps = [sum(t) for t in rft.token_logprobs_of(ref, tok.pad_token_id, ps, cs)]
+    kl = [s.logprob - r for s, r in zip((s for ss in samples for s in ss), ref_logps)]
+    return sum(rewards) / len(rewards), sum(kl) / len(kl)
+
+
+def test_policy_steps_raise_the_learned_reward_within_the_kl_beta_allows(reward_run, wrong_task_model_dir, tmp_path):
+    """Against a fixed learned reward (--reward-learning-rate 0), a policy that improves
+    E[r] - beta * KL has KL <= (E[r] - E_ref[r]) / beta; a larger beta holds it closer to pi_ref."""
+    data = write_jsonl(tmp_path / "demos.jsonl", sort_rows())
+    results = {}
+    for beta in (0.1, 1.0):
+        cfg = TrainConfig(method="rft", model=str(wrong_task_model_dir), data=str(data), output=str(tmp_path / f"b{beta}"),
+                          reward_model=str(reward_run / "reward_model"), reward_learning_rate=0.0, num_samples=4,
+                          policy_steps=2, learning_rate=1e-3, beta=beta, seed=4, max_new_tokens=12,
+                          per_device_batch_size=8, lr_scheduler="constant", rounds=3, epochs=2)  # = COMMON
+        final = rft.train(cfg)
+        tok = load_tokenizer(final)
+        prompts = [ChatFormat(tok).prompt_ids([{"role": "user", "content": r["prompt"]}]) for r in sort_rows()]
+        ref = load_policy(TrainConfig(), wrong_task_model_dir, trainable=False)
+        reward = load_reward_model(reward_run / "reward_model")
+        r0, kl0 = measure(ref, ref, reward, tok, prompts)
+        r, kl = measure(load_policy(TrainConfig(), final, trainable=False), ref, reward, tok, prompts)
+        results[beta] = (r0, kl0, r, kl)
+        assert_same_weights(reward_run / "reward_model", final.parent / "reward_model")  # the reward stayed fixed
+    r0, kl0, r, kl = results[0.1]
+    assert abs(kl0) < 1e-3  # pi_0 = pi_ref
+    assert r > r0 + 1.0, results
+    assert 0 < kl <= (r - r0) / 0.1, results
+    assert results[1.0][3] < kl / 5, results
+
+
+def test_killed_rft_run_resumes_without_resampling_and_ends_identical(tiny_model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "demos.jsonl", sort_rows())
+    # per round: 8 prompts x 2 samples = 16 pairs = 4 reward steps, then 2 passes = 8 policy steps
+    args = ["train", "--method", "rft", "--model", tiny_model_dir, "--data", data, "--rounds", "3", "--seed", "4",
+            "--num-samples", "2", "--max-new-tokens", "10", "--per-device-batch-size", "4", "--policy-steps", "2",
+            "--learning-rate", "1e-3", "--reward-learning-rate", "1e-3", "--save-every", "5"]
+    run_cli(*args, "--output", tmp_path / "straight")
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "sftjuice.cli", *map(str, args), "--output", str(out)],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # step 20 is inside round 1's policy passes (round 1 = steps 13..24)
+    kill_when(proc, lambda: (out / "checkpoints/step-0000020").exists())
+    assert not (out / "reward_model").exists()
+    sampled = {r: (out / f"rounds/{r}/generations.jsonl").stat().st_mtime_ns for r in (0, 1)}
+    run_cli(*args, "--output", out, "--resume")
+    assert {r: (out / f"rounds/{r}/generations.jsonl").stat().st_mtime_ns for r in (0, 1)} == sampled
+    assert_same_weights(tmp_path / "straight/final", out / "final")
+    assert_same_weights(tmp_path / "straight/reward_model", out / "reward_model")
+    for r in range(3):
+        assert (out / f"rounds/{r}/generations.jsonl").read_text() == (tmp_path / f"straight/rounds/{r}/generations.jsonl").read_text()
+    untimed = lambda ms: [{k: v for k, v in m.items() if not k.endswith("seconds") and k != "time"} for m in ms]  # noqa: E731
+    assert untimed(read_metrics(out)) == untimed(read_metrics(tmp_path / "straight"))
