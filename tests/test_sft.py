@@ -41,7 +41,7 @@ def test_sft_loss_is_mean_nll_of_completion_tokens(tiny_model_dir, demo_file, tm
 
 
 def test_sft_gradient_matches_a_single_full_batch(tiny_model_dir, demo_file, tmp_path):
-    """Micro-batching (padding, accumulation) must not change the gradient."""
+    """Micro-batching (length-sorted, padded, accumulated) must not change the gradient."""
     cfg = TrainConfig(model=str(tiny_model_dir), data=str(demo_file), output=str(tmp_path / "o"),
                       per_device_batch_size=2, max_grad_norm=0.0)
     run = start_run(cfg)
@@ -50,7 +50,7 @@ def test_sft_gradient_matches_a_single_full_batch(tiny_model_dir, demo_file, tmp
     loss_fn = sft.sft_micro_loss(run)
     run.optimizer.step = lambda: None  # keep the gradient, skip the update
     run.optimizer.zero_grad = lambda set_to_none=True: None
-    run.optimizer_step(items, loss_fn, sft.completion_tokens)
+    run.optimizer_step(items, loss_fn, sft.completion_tokens, length=len)  # sorted into micro-batches
     accumulated = {n: p.grad.clone() for n, p in run.model.named_parameters()}
     run.model.zero_grad()
     loss, _ = loss_fn(items)

@@ -191,6 +191,9 @@ class Example:
     index: int  # position in the demonstration list
     truncated: bool = False
 
+    def __len__(self) -> int:
+        return len(self.prompt_ids) + len(self.completion_ids)
+
 
 class ChatFormat:
     """Renders chats with one tokenizer the same way for training, generation and evaluation."""

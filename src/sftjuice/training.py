@@ -132,14 +132,19 @@ class Run:
         global_batch: list,
         micro_loss: Callable[[list], tuple[torch.Tensor, dict[str, torch.Tensor]]],
         weight: Callable[[list], float],
+        length: Callable[[object], int] | None = None,
     ) -> dict[str, float]:
         """One update on ``global_batch`` (the same list on every process).
 
         ``micro_loss(items)`` returns the loss *summed* over its items plus summed stats;
         ``weight(items)`` the count the loss is normalised by. Returns the stats summed
-        over all processes and divided by the global weight."""
+        over all processes and divided by the global weight. With ``length(item)``, a
+        process's items are sorted by length before they are cut into micro-batches, so
+        sequences of like length share padding (sums do not depend on the grouping)."""
         acc = self.accelerator
         mine = global_batch[acc.process_index:: self.world]
+        if length is not None:
+            mine = sorted(mine, key=length)
         total = acc.reduce(torch.tensor(float(weight(mine)), device=acc.device), "sum").item()
         micro = chunks(mine, self.cfg.per_device_batch_size)
         sums: dict[str, torch.Tensor] = {}

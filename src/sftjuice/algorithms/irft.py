@@ -38,6 +38,9 @@ class Pair:
     ref_chosen: float  # log pi_t(y^E | x)
     ref_rejected: float  # log pi_t(y_hat | x)
 
+    def __len__(self) -> int:  # the padded width this pair needs in a batch
+        return len(self.example.prompt_ids) + max(len(self.example.completion_ids), len(self.sample_ids))
+
 
 def round_sections(n: int, rounds: int, seed: int, epoch: int) -> list[list[int]]:
     """Split one shuffled epoch into ``rounds`` near-equal sections."""
@@ -161,7 +164,7 @@ def train(cfg: TrainConfig) -> Path:
                 step += 1
                 if step <= state["step"]:
                     continue
-                stats = run.optimizer_step([pairs[i] for i in batch], micro_loss, count)
+                stats = run.optimizer_step([pairs[i] for i in batch], micro_loss, count, length=len)
                 if step % cfg.log_every == 0:
                     run.log_metrics({"step": step, "round": r, "pass": k, **stats})
                 bar.update(1)

@@ -41,7 +41,7 @@ def train(cfg: TrainConfig) -> Path:
         if i >= len(batches):  # a tail batch too small to split over the processes
             continue
         t0 = time.time()
-        stats = run.optimizer_step([examples[j] for j in batches[i]], micro_loss, completion_tokens)
+        stats = run.optimizer_step([examples[j] for j in batches[i]], micro_loss, completion_tokens, length=len)
         tokens = completion_tokens([examples[j] for j in batches[i]])
         if (step + 1) % cfg.log_every == 0 or step + 1 == total:
             run.log_metrics({"step": step + 1, "epoch": round((step + 1) / per_epoch, 4), **stats,
