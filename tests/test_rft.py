@@ -225,3 +225,20 @@ def test_killed_rft_run_resumes_without_resampling_and_ends_identical(tiny_model
         assert (out / f"rounds/{r}/generations.jsonl").read_text() == (tmp_path / f"straight/rounds/{r}/generations.jsonl").read_text()
     untimed = lambda ms: [{k: v for k, v in m.items() if not k.endswith("seconds") and k != "time"} for m in ms]  # noqa: E731
     assert untimed(read_metrics(out)) == untimed(read_metrics(tmp_path / "straight"))
+
+
+def test_reward_is_read_at_the_end_of_turn_token(tiny_model_dir, tokenizer):
+    """SmolLM2 pads with its end-of-turn token; the reward model pads with another one, so a
+    finished answer is scored at <|im_end|> and differs from the same answer cut short."""
+    from sftjuice.algorithms.rft import reward_scores
+    from sftjuice.models import load_reward_model, reward_pad_id
+
+    eos = tokenizer.eos_token_id
+    pad = reward_pad_id(tokenizer, [eos])
+    assert pad != eos and tokenizer.pad_token_id == eos
+    model = load_reward_model(tiny_model_dir, pad_token_id=pad)
+    prompt, answer = [1, 4093, 198, 1780], [216, 34, 28]
+    finished, cut, longer = reward_scores(model, [prompt] * 3, [answer + [eos], answer, answer + [eos, 216]])
+    assert finished != pytest.approx(cut, abs=1e-6)
+    alone = reward_scores(model, [prompt], [answer + [eos]])[0]
+    assert finished == pytest.approx(alone, abs=1e-5)  # padding to the longer row changes nothing

@@ -159,9 +159,27 @@ def load_reward_model(path: Path, pad_token_id: int | None = None):
     return model
 
 
+def reward_pad_id(tokenizer, stop_token_ids: list[int]) -> int:
+    """The padding token of a reward model. HF reads the score at the last token that is
+    not padding; where the padding token is also the end-of-turn token (SmolLM2's is), the
+    score would skip the end of a finished answer and could not tell it from a cut one.
+    Pad with a token that never ends a response instead (the beginning-of-text token)."""
+    if tokenizer.pad_token_id not in stop_token_ids:
+        return tokenizer.pad_token_id
+    for candidate in (tokenizer.bos_token_id, tokenizer.unk_token_id):
+        if candidate is not None and candidate not in stop_token_ids:
+            return candidate
+    raise SftjuiceError("no token to pad reward-model inputs with: the padding token ends responses")
+
+
 def save_reward_model(model, tokenizer, out: Path) -> None:
-    """Write an HF sequence-classification directory ``out`` atomically (with the tokenizer,
-    whose chat template renders the prompts it scores)."""
+    """Write an HF sequence-classification directory ``out`` atomically, with a copy of the
+    tokenizer whose chat template renders the prompts it scores and whose padding token is
+    the model's (so batches padded by the tokenizer are read at the right position)."""
+    import copy
+
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.pad_token = tokenizer.convert_ids_to_tokens(model.config.pad_token_id)
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

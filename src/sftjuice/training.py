@@ -50,9 +50,9 @@ def completion_logprobs(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sequence_logprobs(model, pad_id: int, prompts: list[list[int]], completions: list[list[int]],
-                      batch_size: int = 16) -> list[float]:
-    """``log pi(completion | prompt)`` (summed over completion tokens) for many pairs."""
+def token_logprobs_of(model, pad_id: int, prompts: list[list[int]], completions: list[list[int]],
+                      batch_size: int = 16) -> list[list[float]]:
+    """Per-token ``log pi(y_t | x, y_<t)`` of each completion, batched, without gradients."""
     from .data import collate
 
     device = next(model.parameters()).device
@@ -60,11 +60,17 @@ def sequence_logprobs(model, pad_id: int, prompts: list[list[int]], completions:
     model.eval()
     out = []
     for i in range(0, len(prompts), batch_size):
-        batch = collate(prompts[i: i + batch_size], completions[i: i + batch_size], pad_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        out += completion_logprobs(model, batch).sum(-1).tolist()
+        cs = completions[i: i + batch_size]
+        batch = {k: v.to(device) for k, v in collate(prompts[i: i + batch_size], cs, pad_id).items()}
+        out += [row[: len(c)].tolist() for row, c in zip(completion_logprobs(model, batch), cs)]
     model.train(was_training)
     return out
+
+
+def sequence_logprobs(model, pad_id: int, prompts: list[list[int]], completions: list[list[int]],
+                      batch_size: int = 16) -> list[float]:
+    """``log pi(completion | prompt)`` (summed over completion tokens) for many pairs."""
+    return [sum(t) for t in token_logprobs_of(model, pad_id, prompts, completions, batch_size)]
 
 
 def chunks(items: list, size: int) -> list[list]:
@@ -83,6 +89,7 @@ class Run:
     output: Path
     metrics: MetricsLog
     optimizer: torch.optim.Optimizer | None = None
+    pad_id: int | None = None  # padding of training batches; None = the tokenizer's
     scheduler: object = None
     started: float = field(default_factory=time.time)
 
@@ -107,7 +114,8 @@ class Run:
     def collate(self, prompts: list[list[int]], completions: list[list[int]]) -> dict[str, torch.Tensor]:
         from .data import collate
 
-        batch = collate(prompts, completions, self.tokenizer.pad_token_id)
+        pad = self.tokenizer.pad_token_id if self.pad_id is None else self.pad_id
+        batch = collate(prompts, completions, pad)
         return {k: v.to(self.accelerator.device) for k, v in batch.items()}
 
     def setup_optimizer(self, total_steps: int) -> None:

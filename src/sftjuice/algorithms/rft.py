@@ -50,9 +50,10 @@ from ..config import RewardScoreConfig, SftjuiceError, TrainConfig, require
 from ..data import ChatFormat, Example, collate, global_batches, load_demonstrations
 from ..generation import sample
 from ..losses import kl_penalty, ppo_clip_loss, reward_pair_loss, rloo_advantages
-from ..models import is_peft, load_policy, load_reward_model, load_tokenizer, resolve_model, save_reward_model
+from ..models import (is_peft, load_policy, load_reward_model, load_tokenizer, resolve_model, reward_pad_id,
+                      save_reward_model)
 from ..storage import read_jsonl, write_jsonl
-from ..training import Run, completion_logprobs, start_run
+from ..training import Run, completion_logprobs, start_run, token_logprobs_of
 from .irft import count, round_sections
 
 log = logging.getLogger(__name__)
@@ -66,24 +67,11 @@ class Rollout:
     ref_logprobs: list[float]  # log pi_ref(y_t | x, y_<t)
     advantage: float = 0.0
 
+    def __len__(self) -> int:  # the padded width of its (demonstration, sample) pair
+        return len(self.example.prompt_ids) + max(len(self.example.completion_ids), len(self.token_ids))
+
 
 # ------------------------------------------------------------------ the two scorers
-
-
-@torch.no_grad()
-def token_logprobs_of(model, pad_id: int, prompts: list[list[int]], completions: list[list[int]],
-                      batch_size: int = 16) -> list[list[float]]:
-    """Per-token ``log pi(y_t | x, y_<t)`` of each completion."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        cs = completions[i: i + batch_size]
-        batch = {k: v.to(device) for k, v in collate(prompts[i: i + batch_size], cs, pad_id).items()}
-        out += [row[: len(c)].tolist() for row, c in zip(completion_logprobs(model, batch), cs)]
-    model.train(was_training)
-    return out
 
 
 def load_reference(run: Run):
@@ -135,8 +123,10 @@ def setup_reward(run: Run, total_steps: int) -> Run:
     if cfg.reward_model and (path / "tokenizer_config.json").exists():
         if load_tokenizer(path).get_vocab() != run.tokenizer.get_vocab():
             raise SftjuiceError(f"{path}: the reward model's tokenizer differs from the policy's; it must read the same tokens")
-    model = load_reward_model(path, pad_token_id=run.tokenizer.pad_token_id)
-    reward = dataclasses.replace(run, model=model, cfg=dataclasses.replace(cfg, learning_rate=cfg.reward_learning_rate))
+    pad = reward_pad_id(run.tokenizer, run.chat.stop_token_ids)
+    model = load_reward_model(path, pad_token_id=pad)
+    reward = dataclasses.replace(run, model=model, pad_id=pad,
+                                 cfg=dataclasses.replace(cfg, learning_rate=cfg.reward_learning_rate))
     reward.setup_optimizer(total_steps)  # prepared after the policy: state files model_1, optimizer_1
     return reward
 
@@ -291,7 +281,7 @@ def train(cfg: TrainConfig) -> Path:
             held_out = score_round(run, reward, rollouts, n)
             for batch in global_batches(len(rollouts), run.global_batch_size, cfg.seed, r * 1000, min_size=run.world):
                 step += 1
-                stats = reward.optimizer_step([rollouts[i] for i in batch], reward_loss, count)
+                stats = reward.optimizer_step([rollouts[i] for i in batch], reward_loss, count, length=len)
                 if step % cfg.log_every == 0:
                     run.log_metrics({"step": step, "round": r, "phase": "reward", **stats})
                 bar.update(1)
@@ -315,7 +305,7 @@ def train(cfg: TrainConfig) -> Path:
                 step += 1
                 if step <= state["step"]:
                     continue
-                stats = run.optimizer_step([rollouts[i] for i in batch], policy_loss, count)
+                stats = run.optimizer_step([rollouts[i] for i in batch], policy_loss, count, length=len)
                 adv = advantages[batch]
                 if step % cfg.log_every == 0:
                     run.log_metrics({"step": step, "round": r, "phase": "policy", "pass": k, **stats,
