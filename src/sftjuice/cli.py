@@ -15,6 +15,7 @@ commands:
   train      train a policy from demonstrations (--method sft | ...)
   generate   sample responses for prompts, with their token log-probs
   reward     score prompt/response files with a learned reward model (sftjuice reward score)
+  eval       judge models: accuracy, mean score, win rate (--judge verifier | loglik | DIR), log-prob gap (--judge gap)
 """
 
 
@@ -60,7 +61,15 @@ def cmd_reward(argv: list[str]) -> None:
     print(f"scores: {score_file(cfg)}")
 
 
-COMMANDS = {"demo": cmd_demo, "train": cmd_train, "generate": cmd_generate, "reward": cmd_reward}
+def cmd_eval(argv: list[str]) -> None:
+    from .config import EvalConfig
+    from .evaluation import run_eval
+
+    cfg = parse_args(EvalConfig, argv, prog="sftjuice eval")
+    print("results: " + ", ".join(str(p) for p in run_eval(cfg)))
+
+
+COMMANDS = {"demo": cmd_demo, "train": cmd_train, "generate": cmd_generate, "reward": cmd_reward, "eval": cmd_eval}
 
 
 def main(argv: list[str] | None = None) -> int:

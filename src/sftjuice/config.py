@@ -148,3 +148,18 @@ def save_config(cfg, path: Path) -> None:
 
 def command_line() -> str:
     return " ".join(sys.argv)
+
+
+@dataclass
+class EvalConfig(ModelConfig, SamplingConfig):
+    judge: str = _f("verifier", "verifier (final-answer match), loglik (reference log-prob per token), "
+                    "gap (log-prob gap on --pairs), or a reward-model directory")
+    data: str | None = _f(None, "prompts with references (an 'answer' field, else the completion): JSONL / JSON / datasets dir")
+    baseline: str | None = _f(None, "a second model judged on the same prompts; the win rate is --model's over it")
+    output: str | None = _f(None, "directory for eval.json and eval.md (and gap.png)")
+    pairs: str | None = _f(None, "--judge gap: JSONL of {prompt, chosen, rejected}; --model may be a training output folder")
+    responses: str | None = _f(None, "--model's responses as prompt/completion rows (e.g. sftjuice generate output), not generated")
+    baseline_responses: str | None = _f(None, "--baseline's responses, as --responses")
+    temperature: float = _f(0.0, "sampling temperature; 0 = greedy (the default for evaluation)")
+    skip_invalid: bool = _f(False, "skip invalid rows (counted and reported) instead of stopping")
+    batch_size: int = _f(16, "sequences scored together (log-likelihood, reward model, gap)")

@@ -47,5 +47,30 @@ def plot_bars(path: Path, names: list[str], panels: list[tuple[str, list[float],
     tmp.replace(path)
 
 
+def plot_lines(path: Path, series: list[tuple[str, list[float], list[float], list[tuple[float, float]] | None]],
+               xlabel: str, ylabel: str, title: str) -> None:
+    """One line per series: (label, xs, ys, optional (low, high) band), e.g. a metric across checkpoints."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for label, xs, ys, band in series:
+        (line,) = ax.plot(xs, ys, marker="o", label=label)
+        if band:
+            ax.fill_between(xs, [lo for lo, _ in band], [hi for _, hi in band], color=line.get_color(), alpha=0.2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(title)
+    fig.tight_layout()
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
 def write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1))
