@@ -36,7 +36,7 @@ class DemoConfig:
     task: str = _f("numbers__round_number", "demo task: a file pair in sftjuice/demo_data")
     train_size: int = _f(128, "demonstrations used for training")
     test_size: int = _f(100, "held-out prompts for evaluation")
-    methods: list[str] = _f(["sft", "irft", "spin"], "methods compared after the shared SFT epoch")
+    methods: list[str] = _f(["sft", "irft", "spin", "rft"], "methods compared after the shared SFT epoch")
     seed: int = _f(0, "random seed")
     max_new_tokens: int = _f(24, "longest sampled or evaluated answer")
 
@@ -49,7 +49,8 @@ STAGE_SETTINGS = {
                  learning_rate=1e-5, lr_scheduler="constant"),
     "spin": dict(method="spin", iterations=1, passes=1, beta=0.1, loss="logistic",
                  learning_rate=1e-5, lr_scheduler="constant"),
-    "rft": dict(method="rft", epochs=1.0, rounds=4, learning_rate=1e-5, lr_scheduler="constant"),
+    "rft": dict(method="rft", epochs=1.0, rounds=4, num_samples=2, policy_steps=1, beta=0.1,
+                learning_rate=1e-5, reward_learning_rate=2e-5, lr_scheduler="constant"),
 }
 
 
