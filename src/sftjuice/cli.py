@@ -1,4 +1,4 @@
-"""Command line: ``sftjuice {demo,train,generate} [options]``; ``sftjuice COMMAND --help``."""
+"""Command line: ``sftjuice {demo,train,generate,eval,reward} [options]``; ``sftjuice COMMAND --help``."""
 
 from __future__ import annotations
 

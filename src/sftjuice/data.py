@@ -289,6 +289,27 @@ def collate(prompts: list[list[int]], completions: list[list[int]], pad_id: int)
     }
 
 
+def collate_shared(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Batch ``k`` completions per prompt (``completions[i*k:(i+1)*k]`` answer ``prompts[i]``)
+    so that each prompt is computed once: prompts left-padded ``[B, P]``, completions
+    right-padded ``[B*k, C]``."""
+    prompt = collate(prompts, [[]] * len(prompts), pad_id)
+    P = prompt["input_ids"].shape[1] - 1  # collate leaves one completion column
+    C = max(max(len(c) for c in completions), 1)
+    completion_ids = torch.full((len(completions), C), pad_id, dtype=torch.long)
+    completion_mask = torch.zeros((len(completions), C), dtype=torch.bool)
+    for i, c in enumerate(completions):
+        completion_ids[i, : len(c)] = torch.tensor(c, dtype=torch.long)
+        completion_mask[i, : len(c)] = True
+    return {
+        "prompt_ids": prompt["input_ids"][:, :P],
+        "prompt_mask": prompt["attention_mask"][:, :P],
+        "prompt_positions": prompt["position_ids"][:, :P],
+        "completion_ids": completion_ids,
+        "completion_mask": completion_mask,
+    }
+
+
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     """A shuffled order of ``range(n)``, identical on every process for a given seed."""
     order = list(range(n))

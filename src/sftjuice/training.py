@@ -49,6 +49,29 @@ def completion_logprobs(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return logps * batch["completion_mask"]
 
 
+def shared_prompt_logprobs(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-token log-probs ``[B*k, C]`` of the completions of a :func:`data.collate_shared`
+    batch, computing each prompt once: the prompt's keys and values (with their gradient
+    path) are cached and repeated for its ``k`` completions. Same values as
+    :func:`completion_logprobs` on the ``k`` full sequences, for about ``P + k*C`` instead of
+    ``k*(P + C)`` tokens of work."""
+    prompt_mask = batch["prompt_mask"]
+    k = batch["completion_ids"].shape[0] // prompt_mask.shape[0]
+    C = batch["completion_ids"].shape[1]
+    out = model(input_ids=batch["prompt_ids"], attention_mask=prompt_mask, position_ids=batch["prompt_positions"],
+                use_cache=True, logits_to_keep=1)
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(k)
+    first = out.logits[:, -1:].repeat_interleave(k, dim=0)  # predicts each completion's first token
+    mask = torch.cat([prompt_mask.repeat_interleave(k, dim=0), batch["completion_mask"].long()], dim=1)
+    start = batch["prompt_positions"][:, -1:].repeat_interleave(k, dim=0) + 1
+    positions = start + torch.arange(C, device=start.device)
+    rest = model(input_ids=batch["completion_ids"], attention_mask=mask, position_ids=positions,
+                 past_key_values=cache, use_cache=True, logits_to_keep=C).logits[:, :-1]
+    logps = token_logprobs(torch.cat([first, rest], dim=1), batch["completion_ids"])
+    return logps * batch["completion_mask"]
+
+
 @torch.no_grad()
 def token_logprobs_of(model, pad_id: int, prompts: list[list[int]], completions: list[list[int]],
                       batch_size: int = 16) -> list[list[float]]:
@@ -114,8 +137,18 @@ class Run:
     def collate(self, prompts: list[list[int]], completions: list[list[int]]) -> dict[str, torch.Tensor]:
         from .data import collate
 
-        pad = self.tokenizer.pad_token_id if self.pad_id is None else self.pad_id
-        batch = collate(prompts, completions, pad)
+        return self._to_device(collate(prompts, completions, self._pad))
+
+    def collate_shared(self, prompts: list[list[int]], completions: list[list[int]]) -> dict[str, torch.Tensor]:
+        from .data import collate_shared
+
+        return self._to_device(collate_shared(prompts, completions, self._pad))
+
+    @property
+    def _pad(self) -> int:
+        return self.tokenizer.pad_token_id if self.pad_id is None else self.pad_id
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.accelerator.device) for k, v in batch.items()}
 
     def setup_optimizer(self, total_steps: int) -> None:

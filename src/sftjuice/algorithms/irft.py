@@ -28,7 +28,7 @@ from ..data import Example, epoch_order, global_batches
 from ..generation import sample
 from ..losses import irl_pair_loss
 from ..storage import read_jsonl, write_jsonl
-from ..training import Run, completion_logprobs, sequence_logprobs, start_run
+from ..training import Run, sequence_logprobs, shared_prompt_logprobs, start_run
 
 
 @dataclass
@@ -100,12 +100,11 @@ def irft_micro_loss(run: Run):
     cfg = run.cfg
 
     def micro_loss(pairs: list[Pair]):
-        prompts = [p.example.prompt_ids for p in pairs]
-        # demonstrations and samples share their prompts: one forward for both
-        batch = run.collate(prompts + prompts, [p.example.completion_ids for p in pairs] + [p.sample_ids for p in pairs])
-        logps = completion_logprobs(run.model, batch).sum(-1)
-        n = len(pairs)
-        policy_chosen, policy_rejected = logps[:n], logps[n:]
+        # a demonstration and a sample share their prompt: it is computed once for both
+        batch = run.collate_shared([p.example.prompt_ids for p in pairs],
+                                   [ids for p in pairs for ids in (p.example.completion_ids, p.sample_ids)])
+        logps = shared_prompt_logprobs(run.model, batch).sum(-1).view(-1, 2)
+        policy_chosen, policy_rejected = logps[:, 0], logps[:, 1]
         ref = torch.tensor([[p.ref_chosen, p.ref_rejected] for p in pairs], device=logps.device)
         loss, r_chosen, r_rejected = irl_pair_loss(policy_chosen, ref[:, 0], policy_rejected, ref[:, 1], cfg.beta, cfg.loss)
         margin = r_chosen - r_rejected
