@@ -17,7 +17,7 @@ from sftjuice.losses import irl_pair_loss, margin_loss
 from sftjuice.models import load_policy, load_tokenizer
 from sftjuice.training import completion_logprobs, sequence_logprobs
 
-from .conftest import REPO, build_tiny_model, read_metrics, run_cli, sort_rows
+from .conftest import REPO, build_tiny_model, read_metrics, run_cli, sort_rows, write_jsonl
 from .test_sft import assert_same_weights, kill_when
 
 
@@ -105,8 +105,10 @@ IRFT = ["--epochs", "1", "--learning-rate", "1e-3", "--seed", "4", "--max-new-to
 
 def test_a_linear_loss_round_raises_demonstrations_and_lowers_samples(wrong_task_model_dir, demo_file, tmp_path):
     out = tmp_path / "o"
+    heldout = write_jsonl(tmp_path / "heldout.jsonl", sort_rows(40)[24:])
     run_cli("train", "--method", "irft", "--model", wrong_task_model_dir, "--data", demo_file, "--output", out,
-            *IRFT, "--rounds", "1", "--passes", "2", "--loss", "linear", "--num-samples", "2", "--learning-rate", "3e-4")
+            *IRFT, "--rounds", "1", "--passes", "2", "--loss", "linear", "--num-samples", "2", "--learning-rate", "3e-4",
+            "--eval-data", heldout, "--eval-size", "12")
     rows = [json.loads(line) for line in (out / "rounds/0/generations.jsonl").read_text().splitlines()]
     assert len(rows) == 24 and all(len(r["samples"]) == 2 for r in rows)
     tok = load_tokenizer(out / "final")
@@ -125,6 +127,9 @@ def test_a_linear_loss_round_raises_demonstrations_and_lowers_samples(wrong_task
     [round_record] = [m for m in read_metrics(out) if m.get("event") == "round"]
     assert round_record["pairs"] == 48 and 0 < round_record["sample_length_mean"] <= 10
     assert round_record["sample_cut_fraction"] < 0.5  # the model answers and stops
+    # on 12 held-out prompts never trained on, the learned implicit reward also separates
+    assert len((out / "rounds/0/heldout.jsonl").read_text().splitlines()) == 12
+    assert round_record["heldout_margin"] > 0.5 and round_record["heldout_margin_positive"] > 0.9
 
 
 def test_spin_equals_irft_with_matching_settings(tiny_model_dir, demo_file, tmp_path):

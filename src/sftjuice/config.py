@@ -80,6 +80,8 @@ class TrainConfig(ModelConfig, DataConfig, SamplingConfig):
     loss: Literal["logistic", "linear", "hinge"] = _f("logistic", "l(u): logistic (SPIN), linear (exact IRL gradient), hinge")
     iterations: int = _f(1, "SPIN: generation rounds over the whole data (= --method irft --rounds 1 --epochs N)")
     keep_previous_round: bool = _f(False, "also train on the previous round's samples (SPIN's practice)")
+    eval_data: str | None = _f(None, "held-out demonstrations: each round reports the implicit-reward margin on them")
+    eval_size: int = _f(64, "at most this many --eval-data rows")
     # RFT (Algorithm 1); also uses --rounds, --beta (KL weight to pi_ref) and the sampling flags (--num-samples >= 2)
     policy_steps: int = _f(1, "K: PPO-clip passes over a round's samples against the current reward (each in global batches)")
     reward_loss: Literal["logistic", "linear"] = _f("logistic", "reward-step l(u): logistic (Bradley-Terry) or linear (exact IRL gradient; needs --reward-l2)")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .config import DEFAULT_MODEL, TrainConfig, _f
 from .data import ChatFormat, load_demonstrations
-from .evaluation import answer_logprobs, greedy_responses, mean_interval, proportion, verify
+from .evaluation import answer_logprobs, greedy_responses, logprob_gaps, mean_interval, proportion, verify
 from .models import load_policy, load_tokenizer, resolve_model, stop_token_ids
 from .report import markdown_table, plot_bars, text_table, write_json
 from .storage import atomic_write_text, read_jsonl, write_jsonl
@@ -39,6 +39,7 @@ class DemoConfig:
     methods: list[str] = _f(["sft", "irft", "spin", "rft"], "methods compared after the shared SFT epoch")
     seed: int = _f(0, "random seed")
     max_new_tokens: int = _f(24, "longest sampled or evaluated answer")
+    low_quality_fraction: float = _f(0.0, "share of training demonstrations replaced by another question's answer")
 
 
 # What each method does after the shared SFT epoch; all start from the SFT model and see
@@ -74,15 +75,28 @@ def stages(cfg: DemoConfig) -> list[Stage]:
 
 
 def prepare_data(cfg: DemoConfig, out: Path) -> tuple[Path, Path]:
+    """The train and held-out files of the run. With ``low_quality_fraction``, that share of
+    the training demonstrations get the answer of another training question: well-formed,
+    plausible and wrong, the kind of noise a demonstration set has."""
+    import random
+
     data = files("sftjuice") / "demo_data"
     train, test = out / "data" / "train.jsonl", out / "data" / "test.jsonl"
     if not train.exists():
-        write_jsonl(train, read_jsonl(data / f"{cfg.task}.train.jsonl")[: cfg.train_size])
+        rows = read_jsonl(data / f"{cfg.task}.train.jsonl")[: cfg.train_size]
+        rng = random.Random(cfg.seed)
+        for i in rng.sample(range(len(rows)), round(cfg.low_quality_fraction * len(rows))):
+            j = rng.choice([k for k in range(len(rows)) if rows[k]["completion"] != rows[i]["completion"]])
+            rows[i] = {**rows[i], "completion": rows[j]["completion"], "low_quality": True}
         write_jsonl(test, read_jsonl(data / f"{cfg.task}.test.jsonl")[: cfg.test_size])
+        write_jsonl(train, rows)
     return train, test
 
 
 def evaluate(model_dir: Path, test: Path, cfg: DemoConfig) -> dict:
+    """Greedy accuracy by the verifier, per-token log-likelihood of the reference answers,
+    and the log-prob gap between each reference answer and a wrong one (another held-out
+    question's answer): the paper's measure of what separates good responses from bad."""
     tok = load_tokenizer(model_dir)
     model = load_policy(TrainConfig(), model_dir, trainable=False)
     chat = ChatFormat(tok, stop_token_ids(model))
@@ -90,16 +104,18 @@ def evaluate(model_dir: Path, test: Path, cfg: DemoConfig) -> dict:
     responses = greedy_responses(model, chat, demos, cfg.max_new_tokens)
     correct = [verify(r, d.completion) for r, d in zip(responses, demos)]
     loglik = answer_logprobs(model, chat, demos)
+    wrong = [demos[(i + 1) % len(demos)].completion for i in range(len(demos))]
+    gaps = logprob_gaps(model, chat, [d.prompt for d in demos], [d.completion for d in demos], wrong)
     return {"accuracy": vars(proportion(sum(correct), len(correct))), "answer_logprob": vars(mean_interval(loglik)),
-            "correct": correct, "responses": responses}
+            "logprob_gap": vars(mean_interval(gaps)), "correct": correct, "responses": responses}
 
 
-def run_demo(cfg: DemoConfig) -> None:
+def run_stages(cfg: DemoConfig) -> list[dict]:
+    """Train and evaluate every stage (skipping finished ones); one result dict per stage."""
     out = Path(cfg.output)
     train, test = prepare_data(cfg, out)
-    base = resolve_model(cfg.model)
     plan = stages(cfg)
-    models = {"base": base}
+    models = {"base": resolve_model(cfg.model)}
     results = []
     for i, stage in enumerate(plan, start=1):
         stage_dir = out / stage.name
@@ -109,9 +125,11 @@ def run_demo(cfg: DemoConfig) -> None:
             timing = stage_dir / "train_seconds.json"
             if not (stage_dir / "final").exists():
                 t0 = time.time()
+                # IRFT/SPIN also report their implicit reward's margin on held-out prompts each round
+                monitor = {"eval_data": str(test), "eval_size": 32} if stage.settings["method"] in ("irft", "spin") else {}
                 tcfg = TrainConfig(model=str(models[stage.start]), data=str(train), output=str(stage_dir),
                                    seed=cfg.seed, max_new_tokens=cfg.max_new_tokens,
-                                   resume=(stage_dir / "checkpoints").exists(), **stage.settings)
+                                   resume=(stage_dir / "checkpoints").exists(), **stage.settings, **monitor)
                 from .algorithms import METHODS
 
                 METHODS[tcfg.method](tcfg)
@@ -122,28 +140,37 @@ def run_demo(cfg: DemoConfig) -> None:
         if not eval_file.exists():
             write_json(eval_file, evaluate(models[stage.name], test, cfg))
         ev = json.loads(eval_file.read_text())
-        acc, ll = ev["accuracy"], ev["answer_logprob"]
-        results.append({
-            "stage": stage.name, "accuracy": f"{acc['mean']:.1%} [{acc['low']:.1%}, {acc['high']:.1%}]",
-            "answer log-prob/token": f"{ll['mean']:.3f} ± {(ll['high'] - ll['mean']):.3f}",
-            "train seconds": f"{seconds:.0f}", "_acc": acc, "_ll": ll,
-        })
-        log.info("%s: accuracy %s, answer log-prob/token %s", stage.name, results[-1]["accuracy"],
-                 results[-1]["answer log-prob/token"])
-    report(cfg, out, results)
+        results.append({"stage": stage.name, "start": stage.start, "train_seconds": seconds, **ev})
+        acc, ll, gap = ev["accuracy"], ev["answer_logprob"], ev["logprob_gap"]
+        log.info("%s: accuracy %.1f%% [%.1f%%, %.1f%%], answer log-prob/token %.3f, log-prob gap %.2f",
+                 stage.name, 100 * acc["mean"], 100 * acc["low"], 100 * acc["high"], ll["mean"], gap["mean"])
+    return results
+
+
+def run_demo(cfg: DemoConfig) -> None:
+    report(cfg, Path(cfg.output), run_stages(cfg))
 
 
 def report(cfg: DemoConfig, out: Path, results: list[dict]) -> None:
-    columns = ["stage", "accuracy", "answer log-prob/token", "train seconds"]
-    header = (f"sftjuice demo: {cfg.task}, {cfg.train_size} demonstrations, {cfg.test_size} held-out prompts, "
-              f"greedy decoding, exact-match verifier (95% intervals)")
-    print("\n" + header + "\n\n" + text_table(results, columns) + "\n")
-    atomic_write_text(out / "results.md", f"# {header}\n\n" + markdown_table(results, columns))
-    write_json(out / "results.json", [{k: v for k, v in r.items() if not k.startswith("_")} | {
-        "accuracy_estimate": r["_acc"], "answer_logprob_estimate": r["_ll"]} for r in results])
+    rows = [{
+        "stage": r["stage"],
+        "accuracy": "{mean:.1%} [{low:.1%}, {high:.1%}]".format(**r["accuracy"]),
+        "answer log-prob/token": "{:.3f} ± {:.3f}".format(r["answer_logprob"]["mean"], r["answer_logprob"]["high"] - r["answer_logprob"]["mean"]),
+        "log-prob gap": "{:.2f} ± {:.2f}".format(r["logprob_gap"]["mean"], r["logprob_gap"]["high"] - r["logprob_gap"]["mean"]),
+        "train seconds": f"{r['train_seconds']:.0f}",
+    } for r in results]
+    columns = list(rows[0])
+    header = (f"sftjuice demo: {cfg.task}, {cfg.train_size} demonstrations"
+              + (f" ({cfg.low_quality_fraction:.0%} low-quality)" if cfg.low_quality_fraction else "")
+              + f", {cfg.test_size} held-out prompts, greedy decoding, exact-match verifier (95% intervals)")
+    print("\n" + header + "\n\n" + text_table(rows, columns) + "\n")
+    atomic_write_text(out / "results.md", f"# {header}\n\n" + markdown_table(rows, columns)
+                      + "\nStages after `sft` start from the SFT model and see the demonstrations once more. "
+                        "Log-prob gap: log pi(reference answer) - log pi(another question's answer).\n")
+    write_json(out / "results.json", [{k: v for k, v in r.items() if k not in ("correct", "responses")} for r in results])
     names = [r["stage"] for r in results]
-    plot_bars(out / "results.png", names, [
-        ("held-out accuracy", [r["_acc"]["mean"] for r in results], [(r["_acc"]["low"], r["_acc"]["high"]) for r in results]),
-        ("answer log-prob / token", [r["_ll"]["mean"] for r in results], [(r["_ll"]["low"], r["_ll"]["high"]) for r in results]),
-    ], title=f"sftjuice demo: {cfg.task}, {cfg.train_size} demonstrations")
+    panels = [(label, [r[key]["mean"] for r in results], [(r[key]["low"], r[key]["high"]) for r in results])
+              for label, key in (("held-out accuracy", "accuracy"), ("answer log-prob / token", "answer_logprob"),
+                                 ("log-prob gap (reference - wrong)", "logprob_gap"))]
+    plot_bars(out / "results.png", names, panels, title=f"sftjuice demo: {cfg.task}, {cfg.train_size} demonstrations")
     print(f"results: {out / 'results.md'}, {out / 'results.png'}")

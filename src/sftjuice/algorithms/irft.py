@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ..config import SftjuiceError, TrainConfig
-from ..data import Example, epoch_order, global_batches
+from ..data import Example, epoch_order, global_batches, load_demonstrations
 from ..generation import sample
 from ..losses import irl_pair_loss
 from ..storage import read_jsonl, write_jsonl
@@ -48,26 +48,29 @@ def round_sections(n: int, rounds: int, seed: int, epoch: int) -> list[list[int]
     return [order[t * n // rounds: (t + 1) * n // rounds] for t in range(rounds)]
 
 
-def generate_round(run: Run, r: int, section: list[int]) -> list[dict]:
-    """Sample for a section's prompts with the frozen pi_t, or reload what round ``r`` already sampled."""
-    cfg, path = run.cfg, run.output / "rounds" / str(r) / "generations.jsonl"
+def generate_round(run: Run, r: int, section: list[int], data: tuple[list[Example], list] | None = None,
+                   name: str = "generations") -> list[dict]:
+    """Sample for the prompts ``section`` (indices into ``data`` = (examples, demonstrations),
+    by default the training data) with the frozen pi_t, or reload what round ``r`` sampled."""
+    cfg, path = run.cfg, run.output / "rounds" / str(r) / f"{name}.jsonl"
     if path.exists():
         return read_jsonl(path)
+    examples, demos = data or (run.examples, run.demos)
     pad = run.tokenizer.pad_token_id
-    seed = (cfg.seed * 1_000_003 + r) * 101 + run.accelerator.process_index
+    seed = ((cfg.seed * 1_000_003 + r) * 101 + run.accelerator.process_index) * 2 + (name != "generations")
 
     def work(indices: list[int]) -> list[dict]:
-        examples = [run.examples[i] for i in indices]
-        prompts = [e.prompt_ids for e in examples]
+        chosen = [examples[i] for i in indices]
+        prompts = [e.prompt_ids for e in chosen]
         samples = sample(run.policy, prompts, cfg, run.chat.stop_token_ids, pad, seed=seed, bf16=cfg.bf16,
                          progress=run.is_main)
-        ref_chosen = sequence_logprobs(run.policy, pad, prompts, [e.completion_ids for e in examples])
+        ref_chosen = sequence_logprobs(run.policy, pad, prompts, [e.completion_ids for e in chosen])
         return [
-            {"example": i, "prompt": run.demos[e.index].prompt, "demonstration": run.demos[e.index].completion,
+            {"example": i, "prompt": demos[e.index].prompt, "demonstration": demos[e.index].completion,
              "demonstration_logprob": ref,
              "samples": [{"completion": run.chat.decode(s.token_ids), "token_ids": s.token_ids,
                           "logprob": s.logprob, "finished": s.finished} for s in ss]}
-            for i, e, ss, ref in zip(indices, examples, samples, ref_chosen)
+            for i, e, ss, ref in zip(indices, chosen, samples, ref_chosen)
         ]
 
     rows = run.map_sharded(section, work)
@@ -77,9 +80,26 @@ def generate_round(run: Run, r: int, section: list[int]) -> list[dict]:
     return rows
 
 
-def pairs_of(run: Run, rows: list[dict]) -> list[Pair]:
-    return [Pair(run.examples[row["example"]], s["token_ids"], row["demonstration_logprob"], s["logprob"])
+def pairs_of(run: Run, rows: list[dict], examples: list[Example] | None = None) -> list[Pair]:
+    examples = run.examples if examples is None else examples
+    return [Pair(examples[row["example"]], s["token_ids"], row["demonstration_logprob"], s["logprob"])
             for row in rows for s in row["samples"]]
+
+
+def heldout_margins(run: Run, pairs: list[Pair]) -> dict[str, float]:
+    """The implicit reward's margin on held-out (demonstration, fresh sample) pairs that no
+    step trained on: does what the policy learned to separate generalise?"""
+    pad, beta = run.tokenizer.pad_token_id, run.cfg.beta
+
+    def work(ps: list[Pair]) -> list[float]:
+        prompts = [p.example.prompt_ids for p in ps]
+        chosen = sequence_logprobs(run.policy, pad, prompts, [p.example.completion_ids for p in ps])
+        rejected = sequence_logprobs(run.policy, pad, prompts, [p.sample_ids for p in ps])
+        return [beta * ((c - p.ref_chosen) - (r - p.ref_rejected)) for p, c, r in zip(ps, chosen, rejected)]
+
+    margins = run.map_sharded(pairs, work)
+    return {"heldout_margin": sum(margins) / len(margins),
+            "heldout_margin_positive": sum(m > 0 for m in margins) / len(margins)}
 
 
 def rescore(run: Run, pairs: list[Pair]) -> list[Pair]:
@@ -144,6 +164,7 @@ def train(cfg: TrainConfig) -> Path:
     run.setup_optimizer(sum(p["steps"] for p in plan))
     state = run.resume() or {"step": 0}
     micro_loss = irft_micro_loss(run)
+    heldout = load_heldout(run)
     bar = run.progress(sum(p["steps"] for p in plan), state["step"])
     step, previous = 0, []
     for r, rnd in enumerate(plan):
@@ -153,6 +174,9 @@ def train(cfg: TrainConfig) -> Path:
         t0 = time.time()
         rows = generate_round(run, r, rnd["section"])
         pairs = pairs_of(run, rows)
+        if heldout:
+            rows_heldout = generate_round(run, r, list(range(len(heldout[0]))), heldout, "heldout")
+            heldout_pairs = pairs_of(run, rows_heldout, heldout[0])
         if cfg.keep_previous_round and r > 0:
             if not previous:  # resumed: the previous round's samples are on disk
                 previous = pairs_of(run, read_jsonl(run.output / "rounds" / str(r - 1) / "generations.jsonl"))
@@ -173,6 +197,7 @@ def train(cfg: TrainConfig) -> Path:
         samples = [s for row in rows for s in row["samples"]]
         run.log_metrics({
             "step": step, "event": "round", "round": r, "pairs": len(pairs),
+            **(heldout_margins(run, heldout_pairs) if heldout else {}),
             "sample_length_mean": sum(len(s["token_ids"]) for s in samples) / len(samples),
             "sample_cut_fraction": sum(not s["finished"] for s in samples) / len(samples),
             "generation_seconds": round(t1 - t0, 2), "train_seconds": round(time.time() - t1, 2),
@@ -181,6 +206,15 @@ def train(cfg: TrainConfig) -> Path:
         previous = pairs_of(run, rows)
     bar.close()
     return run.finish()
+
+
+def load_heldout(run: Run) -> tuple[list[Example], list] | None:
+    """The ``--eval-data`` demonstrations (at most ``--eval-size``), tokenised like the training data."""
+    cfg = run.cfg
+    if not cfg.eval_data:
+        return None
+    demos = load_demonstrations(cfg.eval_data, skip_invalid=cfg.skip_invalid)[: cfg.eval_size]
+    return run.chat.encode(demos, cfg.max_prompt_length, cfg.max_length, skip_invalid=cfg.skip_invalid), demos
 
 
 def step_end(plan: list[dict], r: int) -> int:
