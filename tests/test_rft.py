@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from sftjuice.algorithms import rft
+from sftjuice.algorithms import rft, sft
 from sftjuice.config import SamplingConfig, SftjuiceError, TrainConfig, parse_args
 from sftjuice.data import ChatFormat, Example
 from sftjuice.generation import sample
@@ -164,10 +164,28 @@ def test_saved_reward_model_reloads_with_transformers_and_gives_the_same_scores(
     torch.testing.assert_close(torch.tensor([r["reward"] for r in scored]), torch.tensor(demo_scores), atol=1e-5, rtol=0)
 
 
+@pytest.fixture(scope="module")
+def mixed_policy_dir(wrong_task_model_dir, tmp_path_factory):
+    """The wrong-task model after a short SFT (6 steps) on the sorting demonstrations mixed
+    with place-value rows: on sorting prompts it mostly still answers a digit, sometimes a
+    list. Its samples differ in what the reward learned against the wrong-task policy tells
+    apart (a short answer scores about -1.65, a finished list about +1.25), so a policy step
+    has something to gain, and the KL it spends is a choice."""
+    root = tmp_path_factory.mktemp("mixed_policy")
+    place_value = (REPO / "src/sftjuice/demo_data/numbers__place_value.train.jsonl").read_text().splitlines()[:24]
+    data = write_jsonl(root / "mix.jsonl", sort_rows() + place_value)
+    return sft.train(TrainConfig(model=str(wrong_task_model_dir), data=str(data), output=str(root / "run"), epochs=2,
+                                 per_device_batch_size=8, learning_rate=3e-3, lr_scheduler="constant", seed=4))
+
+
+MAX_NEW_TOKENS = 16  # most sorted lists fit; the reward is read at the <|im_end|> of a finished one
+
+
 def measure(policy, ref, reward, tok, prompts, n=16):
-    """Mean learned reward of the policy's samples and the k1 estimate of KL(policy || ref)."""
+    """Mean learned reward of the policy's samples and the k1 estimate of KL(policy || ref).
+    On 24 prompts x 16 samples the mean reward moves by 0.1 to 0.2 between sampling seeds."""
     chat = ChatFormat(tok, [tok.eos_token_id])
-    cfg = SamplingConfig(num_samples=n, max_new_tokens=12)
+    cfg = SamplingConfig(num_samples=n, max_new_tokens=MAX_NEW_TOKENS)
     samples = sample(policy, prompts, cfg, chat.stop_token_ids, tok.pad_token_id, seed=123, progress=False)
     ps = [p for p, ss in zip(prompts, samples) for _ in ss]
     cs = [s.token_ids for ss in samples for s in ss]
@@ -177,30 +195,38 @@ def measure(policy, ref, reward, tok, prompts, n=16):
     return sum(rewards) / len(rewards), sum(kl) / len(kl)
 
 
-def test_policy_steps_raise_the_learned_reward_within_the_kl_beta_allows(reward_run, wrong_task_model_dir, tmp_path):
+def test_policy_steps_raise_the_learned_reward_within_the_kl_beta_allows(reward_run, mixed_policy_dir, tmp_path):
     """Against a fixed learned reward (--reward-learning-rate 0), a policy that improves
-    E[r] - beta * KL has KL <= (E[r] - E_ref[r]) / beta; a larger beta holds it closer to pi_ref."""
+    J_beta = E[r] - beta * KL over pi_ref has KL <= (E[r] - E_ref[r]) / beta; a larger beta
+    holds it closer to pi_ref, trading reward for it: under J_1 the beta=1 policy beats the
+    beta=0.1 one."""
     data = write_jsonl(tmp_path / "demos.jsonl", sort_rows())
+    tok = load_tokenizer(mixed_policy_dir)
+    prompts = [ChatFormat(tok).prompt_ids([{"role": "user", "content": r["prompt"]}]) for r in sort_rows()]
+    ref = load_policy(TrainConfig(), mixed_policy_dir, trainable=False)
+    reward = load_reward_model(reward_run / "reward_model")
+    r0, kl0 = measure(ref, ref, reward, tok, prompts)
+    assert abs(kl0) < 1e-3  # pi_0 = pi_ref
     results = {}
     for beta in (0.1, 1.0):
-        cfg = TrainConfig(method="rft", model=str(wrong_task_model_dir), data=str(data), output=str(tmp_path / f"b{beta}"),
-                          reward_model=str(reward_run / "reward_model"), reward_learning_rate=0.0, num_samples=4,
-                          policy_steps=2, learning_rate=1e-3, beta=beta, seed=4, max_new_tokens=12,
-                          per_device_batch_size=8, lr_scheduler="constant", rounds=3, epochs=2)  # = COMMON
+        # 6 rounds of 4 prompts x 8 samples, 2 PPO passes of 2 steps each: small steps, so the
+        # KL penalty (zero in round 0, where pi_t = pi_ref) acts before the policy has moved far
+        cfg = TrainConfig(method="rft", model=str(mixed_policy_dir), data=str(data), output=str(tmp_path / f"b{beta}"),
+                          reward_model=str(reward_run / "reward_model"), reward_learning_rate=0.0, num_samples=8,
+                          policy_steps=2, learning_rate=1e-3, beta=beta, seed=4, max_new_tokens=MAX_NEW_TOKENS,
+                          per_device_batch_size=16, lr_scheduler="constant", rounds=6, epochs=1)
         final = rft.train(cfg)
-        tok = load_tokenizer(final)
-        prompts = [ChatFormat(tok).prompt_ids([{"role": "user", "content": r["prompt"]}]) for r in sort_rows()]
-        ref = load_policy(TrainConfig(), wrong_task_model_dir, trainable=False)
-        reward = load_reward_model(reward_run / "reward_model")
-        r0, kl0 = measure(ref, ref, reward, tok, prompts)
-        r, kl = measure(load_policy(TrainConfig(), final, trainable=False), ref, reward, tok, prompts)
-        results[beta] = (r0, kl0, r, kl)
         assert_same_weights(reward_run / "reward_model", final.parent / "reward_model")  # the reward stayed fixed
-    r0, kl0, r, kl = results[0.1]
-    assert abs(kl0) < 1e-3  # pi_0 = pi_ref
-    assert r > r0 + 1.0, results
+        results[beta] = measure(load_policy(TrainConfig(), final, trainable=False), ref, reward, tok, prompts)
+    results["ref"] = (r0, kl0)
+    r, kl = results[0.1]
+    assert r > r0 + 1.0, results  # a third of the reward's range (-1.65 to 1.3); 5x the seed-to-seed spread
     assert 0 < kl <= (r - r0) / 0.1, results
-    assert results[1.0][3] < kl / 5, results
+    r1, kl1 = results[1.0]
+    # the exact optima pi_ref * exp(r / beta) / Z of this nearly two-valued reward have a KL ratio
+    # of about 2.4 (estimated from 16 samples a prompt); trained policies give 5 to 12
+    assert 0 < kl1 < kl / 2, results
+    assert r1 - kl1 > r - kl, results  # J_1(pi_beta=1) > J_1(pi_beta=0.1): the extra KL bought less than its cost
 
 
 def test_killed_rft_run_resumes_without_resampling_and_ends_identical(tiny_model_dir, tmp_path):
