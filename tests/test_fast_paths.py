@@ -89,3 +89,18 @@ def test_bf16_autocast_training_tracks_fp32_over_several_steps(tiny_model_dir, d
     assert len(fp32) == 6 and fp32[-1] < fp32[0] - 0.1  # it is learning
     for a, b in zip(fp32, bf16):
         assert b == pytest.approx(a, rel=5e-3)
+
+
+def test_shared_prompt_rewards_match_separate_sequences(tiny_model_dir, tokenizer):
+    from sftjuice.algorithms.rft import reward_forward, shared_prompt_rewards
+    from sftjuice.models import load_reward_model, reward_pad_id
+
+    pad = reward_pad_id(tokenizer, [tokenizer.eos_token_id])
+    model = load_reward_model(tiny_model_dir, pad_token_id=pad)
+    prompts = [PROMPTS[0], PROMPTS[0], PROMPTS[1], PROMPTS[1]]
+    separate = reward_forward(model, collate(prompts, COMPLETIONS, pad))
+    shared = shared_prompt_rewards(model, collate_shared(PROMPTS, COMPLETIONS, pad))
+    torch.testing.assert_close(shared, separate, rtol=0, atol=1e-5)
+    weights = torch.tensor([1.0, -2.0, 0.5, 3.0])
+    for a, b in zip(grads(model, (separate * weights).sum()), grads(model, (shared * weights).sum())):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=5e-5)

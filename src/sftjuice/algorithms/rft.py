@@ -96,6 +96,24 @@ def reward_forward(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return out.logits.squeeze(-1).float()
 
 
+def shared_prompt_rewards(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``r_phi`` of the ``k`` completions per prompt of a :func:`data.collate_shared` batch,
+    computing each prompt once (its keys and values cached and repeated, as
+    :func:`training.shared_prompt_logprobs` does for the policy). The completions are the
+    second call's whole input, so HF's head reads each at its last non-padding token."""
+    prompt_mask = batch["prompt_mask"]
+    k = batch["completion_ids"].shape[0] // prompt_mask.shape[0]
+    C = batch["completion_ids"].shape[1]
+    cache = model(input_ids=batch["prompt_ids"], attention_mask=prompt_mask, position_ids=batch["prompt_positions"],
+                  use_cache=True).past_key_values
+    cache.batch_repeat_interleave(k)
+    mask = torch.cat([prompt_mask.repeat_interleave(k, dim=0), batch["completion_mask"].long()], dim=1)
+    start = batch["prompt_positions"][:, -1:].repeat_interleave(k, dim=0) + 1
+    out = model(input_ids=batch["completion_ids"], attention_mask=mask, position_ids=start + torch.arange(C, device=start.device),
+                past_key_values=cache, use_cache=True)
+    return out.logits.squeeze(-1).float()
+
+
 @torch.no_grad()
 def reward_scores(model, prompts: list[list[int]], completions: list[list[int]], batch_size: int = 16) -> list[float]:
     """``r_phi(x, y)`` for many pairs. The head reads the last token that is not padding (HF's
@@ -197,11 +215,11 @@ def reward_micro_loss(reward: Run):
     cfg = reward.cfg
 
     def micro_loss(items: list[Rollout]):
-        prompts = [x.example.prompt_ids for x in items]
-        # demonstrations and samples share their prompts: one forward for both
-        batch = reward.collate(prompts + prompts, [x.example.completion_ids for x in items] + [x.token_ids for x in items])
-        scores = reward_forward(reward.model, batch)
-        chosen, rejected = scores[: len(items)], scores[len(items):]
+        # a demonstration and a sample share their prompt: it is computed once for both
+        batch = reward.collate_shared([x.example.prompt_ids for x in items],
+                                      [ids for x in items for ids in (x.example.completion_ids, x.token_ids)])
+        scores = shared_prompt_rewards(reward.model, batch).view(-1, 2)
+        chosen, rejected = scores[:, 0], scores[:, 1]
         loss = reward_pair_loss(chosen, rejected, cfg.reward_loss, cfg.reward_l2)
         margin = (chosen - rejected).detach()
         return loss.sum(), {"loss": loss.sum(), "accuracy": (margin > 0).float().sum(), "margin": margin.sum(),
