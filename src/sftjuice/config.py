@@ -7,7 +7,6 @@ a key of the YAML file given with ``--config``; flags win over the file.
 from __future__ import annotations
 
 import dataclasses
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -146,10 +145,6 @@ def require(cfg, *names: str) -> None:
 
 def save_config(cfg, path: Path) -> None:
     path.write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
-
-
-def command_line() -> str:
-    return " ".join(sys.argv)
 
 
 @dataclass

@@ -150,23 +150,29 @@ def parse_row(row, source: str, require_completion: bool = True) -> Demonstratio
     return Demonstration(prompt=prompt, completion=completion, source=source, extra=extra)
 
 
-def load_demonstrations(path: str | Path, skip_invalid: bool = False, require_completion: bool = True) -> list[Demonstration]:
-    """Load and validate rows. A bad row raises DataError naming file, line and field,
-    unless ``skip_invalid``: then bad rows are skipped, counted and reported."""
+def load_rows(path: str | Path, parse, skip_invalid: bool = False) -> list:
+    """``parse(row, source)`` over a file's rows. A bad row (``parse`` raises
+    ``ValueError(field, reason)``) raises DataError naming file, line and field, unless
+    ``skip_invalid``: then bad rows are skipped, counted and reported."""
     path = Path(path)
-    demos, invalid = [], []
+    items, invalid = [], []
     for source, row in _read_rows(path):
         try:
-            demos.append(parse_row(row, source, require_completion))
+            items.append(parse(row, source))
         except ValueError as e:
             bad = InvalidRow(source, *e.args)
             if not skip_invalid:
                 raise DataError(f"{bad} (use --skip-invalid to skip such rows)") from None
             invalid.append(bad)
-    report_skipped(invalid, len(demos) + len(invalid), str(path))
-    if not demos:
+    report_skipped(invalid, len(items) + len(invalid), str(path))
+    if not items:
         raise DataError(f"{path}: no valid rows" + (f" ({len(invalid)} invalid)" if invalid else " (empty)"))
-    return demos
+    return items
+
+
+def load_demonstrations(path: str | Path, skip_invalid: bool = False, require_completion: bool = True) -> list[Demonstration]:
+    """Load and validate demonstrations (see :func:`load_rows`)."""
+    return load_rows(path, lambda row, source: parse_row(row, source, require_completion), skip_invalid)
 
 
 def report_skipped(invalid: list[InvalidRow], total: int, what: str) -> None:

@@ -21,8 +21,9 @@ from pathlib import Path
 
 from .config import DEFAULT_MODEL, TrainConfig, _f
 from .data import ChatFormat, load_demonstrations
-from .evaluation import answer_logprobs, greedy_responses, logprob_gaps, mean_interval, proportion, verify
+from .evaluation import greedy_responses, mean_interval, proportion, verify
 from .models import load_policy, load_tokenizer, resolve_model, stop_token_ids
+from .training import pair_logprobs
 from .report import markdown_table, plot_bars, text_table, write_json
 from .storage import atomic_write_text, read_jsonl, write_jsonl
 
@@ -34,11 +35,11 @@ class DemoConfig:
     output: str = _f("runs/demo", "output directory")
     model: str = _f(DEFAULT_MODEL, "starting model")
     task: str = _f("numbers__round_number", "demo task: a file pair in sftjuice/demo_data")
-    train_size: int = _f(128, "demonstrations used for training")
+    train_size: int = _f(96, "demonstrations used for training")
     test_size: int = _f(100, "held-out prompts for evaluation")
     methods: list[str] = _f(["sft", "irft", "spin", "rft"], "methods compared after the shared SFT epoch")
     seed: int = _f(0, "random seed")
-    max_new_tokens: int = _f(24, "longest sampled or evaluated answer")
+    max_new_tokens: int = _f(16, "longest sampled or evaluated answer (the task's answers take at most 11 tokens)")
     low_quality_fraction: float = _f(0.0, "share of training demonstrations replaced by another question's answer")
 
 
@@ -103,9 +104,11 @@ def evaluate(model_dir: Path, test: Path, cfg: DemoConfig) -> dict:
     demos = load_demonstrations(test)
     responses = greedy_responses(model, chat, demos, cfg.max_new_tokens)
     correct = [verify(r, d.completion) for r, d in zip(responses, demos)]
-    loglik = answer_logprobs(model, chat, demos)
-    wrong = [demos[(i + 1) % len(demos)].completion for i in range(len(demos))]
-    gaps = logprob_gaps(model, chat, [d.prompt for d in demos], [d.completion for d in demos], wrong)
+    answers = [chat.completion_ids(d.prompt, d.completion) for d in demos]
+    wrong = [chat.completion_ids(d.prompt, demos[(i + 1) % len(demos)].completion) for i, d in enumerate(demos)]
+    right, other = pair_logprobs(model, tok.pad_token_id, [chat.prompt_ids(d.prompt) for d in demos], answers, wrong)
+    loglik = [lp / len(a) for lp, a in zip(right, answers)]
+    gaps = [a - b for a, b in zip(right, other)]
     return {"accuracy": vars(proportion(sum(correct), len(correct))), "answer_logprob": vars(mean_interval(loglik)),
             "logprob_gap": vars(mean_interval(gaps)), "correct": correct, "responses": responses}
 
@@ -126,7 +129,7 @@ def run_stages(cfg: DemoConfig) -> list[dict]:
             if not (stage_dir / "final").exists():
                 t0 = time.time()
                 # IRFT/SPIN also report their implicit reward's margin on held-out prompts each round
-                monitor = {"eval_data": str(test), "eval_size": 32} if stage.settings["method"] in ("irft", "spin") else {}
+                monitor = {"eval_data": str(test), "eval_size": 16} if stage.settings["method"] in ("irft", "spin") else {}
                 tcfg = TrainConfig(model=str(models[stage.start]), data=str(train), output=str(stage_dir),
                                    seed=cfg.seed, max_new_tokens=cfg.max_new_tokens,
                                    resume=(stage_dir / "checkpoints").exists(), **stage.settings, **monitor)

@@ -15,13 +15,12 @@ from pathlib import Path
 
 from .algorithms.rft import reward_scores
 from .config import ModelConfig, SamplingConfig, SftjuiceError, require
-from .data import (ChatFormat, DataError, Demonstration, InvalidRow, _check_messages, _read_rows, _text_of,
-                   load_demonstrations, report_skipped)
+from .data import ChatFormat, DataError, Demonstration, _check_messages, _text_of, load_demonstrations, load_rows
 from .generation import sample
 from .models import load_policy, load_reward_model, load_tokenizer, resolve_model, stop_token_ids
 from .report import markdown_table, plot_lines, text_table, write_json
 from .storage import atomic_write_text
-from .training import sequence_logprobs
+from .training import pair_logprobs, sequence_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -134,9 +133,8 @@ def logprob_gaps(model, chat: ChatFormat, prompts: list[list[dict]], chosen: lis
                  batch_size: int = 16) -> list[float]:
     """log pi(chosen|x) - log pi(rejected|x) for each (prompt, chosen, rejected) triple."""
     ids = [chat.prompt_ids(p) for p in prompts]
-    pad = chat.tokenizer.pad_token_id
-    c = sequence_logprobs(model, pad, ids, [chat.completion_ids(p, y) for p, y in zip(prompts, chosen)], batch_size)
-    r = sequence_logprobs(model, pad, ids, [chat.completion_ids(p, y) for p, y in zip(prompts, rejected)], batch_size)
+    c, r = pair_logprobs(model, chat.tokenizer.pad_token_id, ids, [chat.completion_ids(p, y) for p, y in zip(prompts, chosen)],
+                         [chat.completion_ids(p, y) for p, y in zip(prompts, rejected)], batch_size)
     return [a - b for a, b in zip(c, r)]
 
 
@@ -192,25 +190,8 @@ def _parse_response(row, source: str) -> tuple[list[dict], str]:
     return _prompt_of(row), row["completion"]
 
 
-def _load_rows(path, parse, skip_invalid: bool) -> list:
-    """``parse(row, source)`` over a file's rows; bad rows as in data.load_demonstrations."""
-    items, invalid = [], []
-    for source, row in _read_rows(Path(path)):
-        try:
-            items.append(parse(row, source))
-        except ValueError as e:
-            bad = InvalidRow(source, *e.args)
-            if not skip_invalid:
-                raise DataError(f"{bad} (use --skip-invalid to skip such rows)") from None
-            invalid.append(bad)
-    report_skipped(invalid, len(items) + len(invalid), str(path))
-    if not items:
-        raise DataError(f"{path}: no valid rows" + (f" ({len(invalid)} invalid)" if invalid else " (empty)"))
-    return items
-
-
 def load_pairs(path, skip_invalid: bool = False) -> list[Pair]:
-    return _load_rows(path, parse_pair, skip_invalid)
+    return load_rows(path, parse_pair, skip_invalid)
 
 
 def _key(prompt: list[dict]) -> str:
@@ -221,7 +202,7 @@ def read_responses(path, demos: list[Demonstration]) -> list[list[Response]]:
     """Responses generated elsewhere: prompt/completion rows (``sftjuice generate`` writes
     them), matched to ``demos`` by prompt; all rows of one prompt are its samples."""
     by_prompt: dict[str, list[Response]] = {}
-    for prompt, text in _load_rows(path, _parse_response, skip_invalid=False):
+    for prompt, text in load_rows(path, _parse_response, skip_invalid=False):
         by_prompt.setdefault(_key(prompt), []).append(Response(text))
     missing = [d.source for d in demos if _key(d.prompt) not in by_prompt]
     if missing:

@@ -44,7 +44,7 @@ def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator: tor
     return torch.multinomial(scaled.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def _sample_batch(model, prompts, cfg, stop_ids, pad_id, generator, autocast) -> list[Sample]:
     device = next(model.parameters()).device
     B, P = len(prompts), max(len(p) for p in prompts)

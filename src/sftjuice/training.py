@@ -72,7 +72,7 @@ def shared_prompt_logprobs(model, batch: dict[str, torch.Tensor]) -> torch.Tenso
     return logps * batch["completion_mask"]
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def token_logprobs_of(model, pad_id: int, prompts: list[list[int]], completions: list[list[int]],
                       batch_size: int = 16) -> list[list[float]]:
     """Per-token ``log pi(y_t | x, y_<t)`` of each completion, batched, without gradients."""
@@ -94,6 +94,26 @@ def sequence_logprobs(model, pad_id: int, prompts: list[list[int]], completions:
                       batch_size: int = 16) -> list[float]:
     """``log pi(completion | prompt)`` (summed over completion tokens) for many pairs."""
     return [sum(t) for t in token_logprobs_of(model, pad_id, prompts, completions, batch_size)]
+
+
+@torch.inference_mode()
+def pair_logprobs(model, pad_id: int, prompts: list[list[int]], first: list[list[int]], second: list[list[int]],
+                  batch_size: int = 16) -> tuple[list[float], list[float]]:
+    """``log pi(first_i | prompt_i)`` and ``log pi(second_i | prompt_i)``, each prompt computed once."""
+    from .data import collate_shared
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    a, b = [], []
+    for i in range(0, len(prompts), batch_size):
+        pairs = [ids for x, y in zip(first[i: i + batch_size], second[i: i + batch_size]) for ids in (x, y)]
+        batch = {k: v.to(device) for k, v in collate_shared(prompts[i: i + batch_size], pairs, pad_id).items()}
+        sums = shared_prompt_logprobs(model, batch).sum(-1).view(-1, 2)
+        a += sums[:, 0].tolist()
+        b += sums[:, 1].tolist()
+    model.train(was_training)
+    return a, b
 
 
 def chunks(items: list, size: int) -> list[list]:
