@@ -105,9 +105,9 @@ def trl_train(args, pairs, precision: str) -> dict:
             self.ended = time.time()
 
     clock = Clock()
+    t0 = time.time()
     trainer = DPOTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(rows), processing_class=tok,
                          callbacks=[clock])
-    t0 = time.time()
     trainer.train()
     ds = trainer.train_dataset
     steps = args.train_steps
@@ -228,7 +228,6 @@ def ours_round(args, pairs) -> dict:
 def composed_round(args, pairs) -> dict:
     """The same round from stock parts: plain generate, then TRL DPOTrainer (fp32, reference
     log-probs precomputed) on (demonstration, sample) pairs."""
-    gen = plain_generate(args, pairs)  # the samples' text is not needed for timing...
     import torch
 
     _, model, tok = load()
@@ -248,7 +247,7 @@ def composed_round(args, pairs) -> dict:
     args.train_steps = len(pairs) // 8
     trl = trl_train(args, dpo_pairs, "fp32")
     return {"seconds": generate_seconds + trl["wall_seconds"], "generate_seconds": generate_seconds,
-            "trl_seconds": trl["wall_seconds"], "peak_rss_gb": peak_rss_gb(), "_unused": gen["seconds"]}
+            "trl_seconds": trl["wall_seconds"], "peak_rss_gb": peak_rss_gb()}
 
 
 def matmul_peak(args, pairs) -> dict:
@@ -297,16 +296,23 @@ def main() -> None:
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     if args.contender:
-        result = CONTENDERS[args.contender](args, make_pairs(args.pairs))
+        # prompts grow with the length budget: about 35 tokens per question plus the template
+        result = CONTENDERS[args.contender](args, make_pairs(args.pairs, max(1, args.max_length // 64)))
         print(json.dumps(result))
         return
     if args.quick:
-        args.train_steps = 4
+        args.train_steps, args.pairs = 4, 32
     r = {name: run_contender(name, args) for name in ("peak", "ours-train", "trl-fp32", "ours-generate", "plain-generate")}
-    r["trl-default"] = run_contender("trl-default", args, pairs=16) if not args.quick else None
+    # TRL's CPU defaults autocast to bf16; where the CPU has no bf16 matrix unit that runs at
+    # about 1 GFLOP/s (a step would take tens of minutes), so it is only run where bf16 is fast
+    bf16_usable = r["peak"]["bf16_gflops"] > 0.5 * r["peak"]["fp32_gflops"]
+    r["trl-default"] = run_contender("trl-default", args) if bf16_usable else None
     r["ours-round"] = run_contender("ours-round", args)
     r["composed-round"] = run_contender("composed-round", args)
-    sizes = [(64, 128), (64, 256)] if args.quick else [(p, m) for p in (64, 128, 256) for m in (128, 256, 512)]
+    if args.quick:
+        sizes = [(32, 128), (32, 256), (64, 256)]
+    else:
+        sizes = [(64, 128), (64, 256), (64, 512), (128, 256), (256, 256)]
     curve = [run_contender("ours-round", args, pairs=p, max_length=m) for p, m in sizes]
     report(args, r, curve)
 
@@ -315,6 +321,8 @@ def report(args, r: dict, curve: list[dict]) -> None:
     from sftjuice.report import markdown_table, text_table
 
     trl_runs = [x for x in (r["trl-fp32"], r["trl-default"]) if x]
+    skipped = [] if r["trl-default"] else [{"what": "train: TRL DPOTrainer (its CPU defaults: bf16 autocast + checkpointing)",
+                                            "rate": "not run", "peak RSS GB": "", "note": f"bf16 matmul here: {r['peak']['bf16_gflops']:.1f} GFLOP/s"}]
     best_trl = max(trl_runs, key=lambda x: x["tokens_per_s"])
     ours = r["ours-train"]
     peak = r["peak"]["fp32_gflops"] * 1e9
@@ -329,7 +337,8 @@ def report(args, r: dict, curve: list[dict]) -> None:
     rows = [
         {"what": "train: sftjuice IRFT pass", "rate": f"{ours['tokens_per_s']:.0f} tok/s", "peak RSS GB": f"{ours['peak_rss_gb']:.2f}", "note": ours["precision"]},
         *({"what": f"train: TRL DPOTrainer ({x['precision']})", "rate": f"{x['tokens_per_s']:.0f} tok/s",
-           "peak RSS GB": f"{x['peak_rss_gb']:.2f}", "note": f"+{x['precompute_seconds']:.0f} s reference precompute"} for x in trl_runs),
+           "peak RSS GB": f"{x['peak_rss_gb']:.2f}", "note": f"+{x['precompute_seconds']:.0f} s setup (tokenise, reference precompute)"} for x in trl_runs),
+        *skipped,
         {"what": "generate: sftjuice sampler", "rate": f"{r['ours-generate']['new_tokens_per_s']:.0f} new tok/s", "peak RSS GB": f"{r['ours-generate']['peak_rss_gb']:.2f}", "note": "batch 32, fp32"},
         {"what": "generate: model.generate", "rate": f"{r['plain-generate']['new_tokens_per_s']:.0f} new tok/s", "peak RSS GB": f"{r['plain-generate']['peak_rss_gb']:.2f}", "note": "batch 32, fp32"},
         {"what": "round: sftjuice IRFT", "rate": f"{r['ours-round']['seconds']:.0f} s", "peak RSS GB": f"{r['ours-round']['peak_rss_gb']:.2f}", "note": f"{args.pairs} prompts"},

@@ -193,3 +193,21 @@ def test_two_processes_match_one_process(tiny_model_dir, demo_file, tmp_path):
     assert len(rows_one) == len(rows_two) == 12
     assert [json.loads(r)["example"] for r in rows_one] == [json.loads(r)["example"] for r in rows_two]
     assert all(m["grad_norm"] > 0 for m in two)
+
+
+def test_sft_weight_adds_the_demonstrations_per_token_nll(tiny_model_dir, demo_file, tmp_path):
+    from sftjuice.algorithms.irft import Pair, irft_micro_loss
+    from sftjuice.training import start_run
+
+    losses = {}
+    for w in (0.0, 0.5):
+        cfg = TrainConfig(model=str(tiny_model_dir), data=str(demo_file), output=str(tmp_path / str(w)), sft_weight=w)
+        run = start_run(cfg)
+        pairs = [Pair(e, [216, 34, 2], -30.0, -20.0) for e in run.examples[:3]]
+        losses[w] = irft_micro_loss(run)(pairs)[0].item()
+    with torch.no_grad():
+        nll = 0.0
+        for e in run.examples[:3]:
+            logp = run.model(torch.tensor([e.prompt_ids + e.completion_ids])).logits[0].log_softmax(-1)
+            nll -= sum(logp[len(e.prompt_ids) + t - 1, tok].item() for t, tok in enumerate(e.completion_ids)) / len(e.completion_ids)
+    assert losses[0.5] - losses[0.0] == pytest.approx(0.5 * nll, rel=1e-4)

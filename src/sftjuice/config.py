@@ -79,6 +79,7 @@ class TrainConfig(ModelConfig, DataConfig, SamplingConfig):
     loss: Literal["logistic", "linear", "hinge"] = _f("logistic", "l(u): logistic (SPIN), linear (exact IRL gradient), hinge")
     iterations: int = _f(1, "SPIN: generation rounds over the whole data (= --method irft --rounds 1 --epochs N)")
     keep_previous_round: bool = _f(False, "also train on the previous round's samples (SPIN's practice)")
+    sft_weight: float = _f(0.0, "IRFT/SPIN: add this weight times the demonstration's per-token NLL to each pair's loss")
     eval_data: str | None = _f(None, "held-out demonstrations: each round reports the implicit-reward margin on them")
     eval_size: int = _f(64, "at most this many --eval-data rows")
     # RFT (Algorithm 1); also uses --rounds, --beta (KL weight to pi_ref) and the sampling flags (--num-samples >= 2)

@@ -127,6 +127,9 @@ def irft_micro_loss(run: Run):
         policy_chosen, policy_rejected = logps[:, 0], logps[:, 1]
         ref = torch.tensor([[p.ref_chosen, p.ref_rejected] for p in pairs], device=logps.device)
         loss, r_chosen, r_rejected = irl_pair_loss(policy_chosen, ref[:, 0], policy_rejected, ref[:, 1], cfg.beta, cfg.loss)
+        if cfg.sft_weight:  # keep pushing demonstrations up as SFT does (RPO-style regulariser)
+            lengths = torch.tensor([len(p.example.completion_ids) for p in pairs], device=logps.device)
+            loss = loss - cfg.sft_weight * policy_chosen / lengths
         margin = r_chosen - r_rejected
         return loss.sum(), {
             "loss": loss.sum(), "reward_chosen": r_chosen.sum(), "reward_rejected": r_rejected.sum(),
