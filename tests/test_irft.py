@@ -54,6 +54,17 @@ def test_sampling_is_reproducible_and_stops_at_eos(tokenizer):
         assert s.finished or len(s.token_ids) == 20
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU side of the backend seam")
+def test_generation_backend_seam_on_cpu(tokenizer):
+    from sftjuice.generation import use_vllm
+
+    assert not use_vllm(SamplingConfig(generation_backend="auto"))  # no GPU: the in-process sampler
+    assert not use_vllm(SamplingConfig(generation_backend="torch"))
+    with pytest.raises(ValueError, match="needs the vllm package and a CUDA GPU"):
+        sample(build_tiny_model(tokenizer), [[1, 2]], SamplingConfig(generation_backend="vllm"),
+               [tokenizer.eos_token_id], tokenizer.pad_token_id, seed=0, progress=False)
+
+
 @pytest.mark.parametrize(
     "kind, u, expected_loss, expected_dloss_du",
     [

@@ -53,6 +53,9 @@ class SamplingConfig:
     top_p: float = _f(1.0, "nucleus sampling threshold (1 = off)")
     max_new_tokens: int = _f(128, "longest sampled response, in tokens")
     generation_batch_size: int = _f(32, "prompts decoded together")
+    generation_backend: Literal["auto", "torch", "vllm"] = _f(
+        "auto", "sampling engine: auto = vLLM when it is installed and a GPU is present, else the in-process sampler")
+    vllm_gpu_memory_utilization: float = _f(0.3, "vLLM: share of GPU memory for its engine (it shares the GPU with training)")
 
 
 @dataclass

@@ -9,6 +9,7 @@ needs for its negatives, with no second forward pass.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 from pathlib import Path
 from dataclasses import dataclass
 
@@ -101,6 +102,8 @@ def sample(
     Rows are grouped by prompt length (less padding) and decoded ``generation_batch_size``
     at a time with a KV cache; a row leaves the batch at its stop token."""
     n = num_samples or cfg.num_samples
+    if use_vllm(cfg):
+        return _sample_vllm(model, prompts, cfg, stop_ids, seed, n)
     rows = sorted(((i, k) for i in range(len(prompts)) for k in range(n)), key=lambda r: -len(prompts[r[0]]))
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     autocast = torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
@@ -119,6 +122,56 @@ def sample(
         bar.close()
         model.train(was_training)
     return result
+
+
+def use_vllm(cfg: SamplingConfig) -> bool:
+    """The generation backend seam: vLLM when asked for, or on ``auto`` when it is installed
+    and a GPU is present; otherwise the in-process sampler above."""
+    available = importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
+    if cfg.generation_backend == "vllm" and not available:
+        raise ValueError("--generation-backend vllm needs the vllm package and a CUDA GPU")
+    return cfg.generation_backend == "vllm" or (cfg.generation_backend == "auto" and available)
+
+
+def _vllm_weights(model):
+    """(name, tensor) pairs in the base model's naming; a LoRA adapter is merged in first."""
+    if not hasattr(model, "merge_adapter"):
+        yield from model.state_dict().items()
+        return
+    model.merge_adapter()
+    try:
+        for name, tensor in model.state_dict().items():
+            if "lora_" in name or "modules_to_save" in name:
+                continue
+            yield name.removeprefix("base_model.model.").replace(".base_layer", ""), tensor
+    finally:
+        model.unmerge_adapter()
+
+
+def _sample_vllm(model, prompts, cfg, stop_ids, seed, n) -> list[list[Sample]]:
+    """The same contract as the in-process sampler, on a colocated vLLM engine that receives
+    the policy's current weights at every call (one engine per model object).
+    ``logprobs_mode="raw_logprobs"`` makes vLLM report ``log_softmax`` of the unmodified
+    logits, the reference log-probs IRFT needs. Documented, not tested here (no GPU)."""
+    from vllm import LLM, SamplingParams
+
+    llm = getattr(model, "_sftjuice_vllm", None)
+    if llm is None:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        # under `accelerate launch` every process runs its own engine on its own GPU
+        launcher = {"distributed_executor_backend": "external_launcher"} if torch.distributed.is_initialized() else {}
+        llm = LLM(model=base.name_or_path, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+                  logprobs_mode="raw_logprobs", seed=seed, **launcher)
+        model._sftjuice_vllm = llm
+    runner = llm.llm_engine.model_executor.driver_worker.model_runner.model
+    for name, tensor in _vllm_weights(model):
+        runner.load_weights([(name, tensor)])
+    llm.reset_prefix_cache()
+    params = SamplingParams(n=n, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens,
+                            stop_token_ids=list(stop_ids), logprobs=0, seed=seed)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    return [[Sample(list(o.token_ids), [lp[t].logprob for t, lp in zip(o.token_ids, o.logprobs)],
+                    o.finish_reason == "stop") for o in out.outputs] for out in outputs]
 
 
 def generate_file(cfg) -> Path:
