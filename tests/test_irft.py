@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sftjuice.config import SamplingConfig, TrainConfig
+from sftjuice.config import SamplingConfig, SftjuiceError, TrainConfig
 from sftjuice.data import ChatFormat, collate
 from sftjuice.generation import sample
 from sftjuice.losses import irl_pair_loss, margin_loss
@@ -60,7 +60,7 @@ def test_generation_backend_seam_on_cpu(tokenizer):
 
     assert not use_vllm(SamplingConfig(generation_backend="auto"))  # no GPU: the in-process sampler
     assert not use_vllm(SamplingConfig(generation_backend="torch"))
-    with pytest.raises(ValueError, match="needs the vllm package and a CUDA GPU"):
+    with pytest.raises(SftjuiceError, match="needs the vllm package and a CUDA GPU"):
         sample(build_tiny_model(tokenizer), [[1, 2]], SamplingConfig(generation_backend="vllm"),
                [tokenizer.eos_token_id], tokenizer.pad_token_id, seed=0, progress=False)
 

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from .config import SamplingConfig
+from .config import SamplingConfig, SftjuiceError
 
 
 @dataclass
@@ -129,7 +129,7 @@ def use_vllm(cfg: SamplingConfig) -> bool:
     and a GPU is present; otherwise the in-process sampler above."""
     available = importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
     if cfg.generation_backend == "vllm" and not available:
-        raise ValueError("--generation-backend vllm needs the vllm package and a CUDA GPU")
+        raise SftjuiceError("--generation-backend vllm needs the vllm package and a CUDA GPU")
     return cfg.generation_backend == "vllm" or (cfg.generation_backend == "auto" and available)
 
 
