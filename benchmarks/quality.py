@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import shutil
 import time
@@ -52,20 +53,23 @@ def margins_by_round(stage_dir: Path) -> list[float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="one seed, fewer demonstrations and prompts (< 10 minutes)")
+    ap.add_argument("--quick", action="store_true", help="one seed, clean demonstrations only, 32 of them, 40 prompts (< 10 minutes)")
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--train-size", type=int, default=128)
+    ap.add_argument("--train-size", type=int, default=96)
     ap.add_argument("--test-size", type=int, default=100)
     ap.add_argument("--low-quality", type=float, default=0.3, help="share of demonstrations replaced in the noisy condition")
     ap.add_argument("--task", default="numbers__round_number")
     ap.add_argument("--methods", nargs="+", default=["sft", "irft", "spin", "rft"])
     ap.add_argument("--work", type=Path, default=Path("runs/quality"))
     args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if args.quick:
-        args.seeds, args.train_size, args.test_size = 1, 64, 50
+        args.seeds, args.train_size, args.test_size = 1, 32, 40
     started = time.time()
     runs: dict[str, list[list[dict]]] = {}
     conditions = {"clean": 0.0, f"{args.low_quality:.0%} low-quality": args.low_quality}
+    if args.quick:
+        conditions = {"clean": 0.0}
     base_eval = None
     for cond, fraction in conditions.items():
         for seed in range(args.seeds):
@@ -107,7 +111,11 @@ def report(args, runs: dict[str, list[list[dict]]], seconds: float) -> None:
                 "held-out margin by round": " ".join(f"{m:.2f}" for m in rounds),
                 "train s": f"{sum(r['train_seconds'] for r in per_seed) / len(per_seed):.0f}",
             })
-            plot_rows.append((f"{cond.split()[0]}:{stage}", acc, acc_hw, gap))
+            seconds_mean = sum(r["train_seconds"] for r in per_seed) / len(per_seed)
+            one = per_seed[0]["accuracy"]  # one seed: the Wilson interval over prompts
+            interval = (acc - acc_hw, acc + acc_hw) if len(per_seed) > 1 else (one["low"], one["high"])
+            plot_rows.append((f"{cond.split()[0]}:{stage}", acc, interval, gap, float("nan") if stage == baseline else rate.mean,
+                              seconds_mean))
     columns = list(rows[0])
     header = (f"Quality: {args.task}, {args.train_size} demonstrations, {args.test_size} held-out prompts, "
               f"{args.seeds} seed(s), greedy decoding, exact-match verifier; {seconds / 60:.0f} min")
@@ -123,10 +131,11 @@ def report(args, runs: dict[str, list[list[dict]]], seconds: float) -> None:
           "margin beta*[log pi/pi_t](y^E) - beta*[log pi/pi_t](y_hat) on held-out prompts, end of each round.\n")
     (RESULTS / f"{name}.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows,
                                                       "seconds": seconds}, indent=1))
-    nan = lambda x: 0.0 if math.isnan(x) else x  # noqa: E731
     plot_bars(RESULTS / f"{name}.png", [p[0] for p in plot_rows], [
-        ("held-out accuracy", [p[1] for p in plot_rows], [(p[1] - nan(p[2]), p[1] + nan(p[2])) for p in plot_rows]),
+        ("held-out accuracy", [p[1] for p in plot_rows], [p[2] for p in plot_rows]),
         ("log-prob gap (reference - wrong)", [p[3] for p in plot_rows], None),
+        ("win rate vs continued SFT", [p[4] for p in plot_rows], None),
+        ("train seconds (mean over seeds)", [p[5] for p in plot_rows], None),
     ], title=header.split(";")[0])
     print(f"\nwrote {RESULTS / name}.md/.json/.png")
 
