@@ -13,6 +13,7 @@ again skips finished stages and resumes an interrupted one.
 from __future__ import annotations
 
 import json
+import shutil
 import logging
 import time
 from dataclasses import dataclass, field
@@ -137,6 +138,8 @@ def run_stages(cfg: DemoConfig) -> list[dict]:
 
                 METHODS[tcfg.method](tcfg)
                 atomic_write_text(timing, json.dumps(time.time() - t0))
+                # checkpoints only serve to resume this stage (~1.6 GB each with optimiser state)
+                shutil.rmtree(stage_dir / "checkpoints", ignore_errors=True)
             seconds = json.loads(timing.read_text())
             models[stage.name] = stage_dir / "final"
         eval_file = stage_dir / "eval.json"
