@@ -118,7 +118,7 @@ def report(args, runs: dict[str, list[list[dict]]], seconds: float) -> None:
                               seconds_mean))
     columns = list(rows[0])
     header = (f"Quality: {args.task}, {args.train_size} demonstrations, {args.test_size} held-out prompts, "
-              f"{args.seeds} seed(s), greedy decoding, exact-match verifier; {seconds / 60:.0f} min")
+              f"{args.seeds} seed(s), greedy decoding, exact-match verifier; this invocation took {seconds / 60:.0f} min (finished stages are reused)")
     print("\n" + header + "\n\n" + text_table(rows, columns))
     RESULTS.mkdir(exist_ok=True)
     name = "quality-quick" if args.quick else "quality"
