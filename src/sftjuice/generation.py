@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from .config import SamplingConfig, SftjuiceError
+from .models import is_peft
 
 
 @dataclass
@@ -135,7 +136,7 @@ def use_vllm(cfg: SamplingConfig) -> bool:
 
 def _vllm_weights(model):
     """(name, tensor) pairs in the base model's naming; a LoRA adapter is merged in first."""
-    if not hasattr(model, "merge_adapter"):
+    if not is_peft(model):
         yield from model.state_dict().items()
         return
     model.merge_adapter()
@@ -157,7 +158,7 @@ def _sample_vllm(model, prompts, cfg, stop_ids, seed, n) -> list[list[Sample]]:
 
     llm = getattr(model, "_sftjuice_vllm", None)
     if llm is None:
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base = model.get_base_model() if is_peft(model) else model
         # under `accelerate launch` every process runs its own engine on its own GPU
         launcher = {"distributed_executor_backend": "external_launcher"} if torch.distributed.is_initialized() else {}
         llm = LLM(model=base.name_or_path, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,

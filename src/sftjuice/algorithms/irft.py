@@ -28,7 +28,7 @@ from ..data import Example, epoch_order, global_batches, load_demonstrations
 from ..generation import sample
 from ..losses import irl_pair_loss
 from ..storage import read_jsonl, write_jsonl
-from ..training import Run, sequence_logprobs, shared_prompt_logprobs, start_run
+from ..training import Run, pair_logprobs, sequence_logprobs, shared_prompt_logprobs, start_run
 
 
 @dataclass
@@ -86,34 +86,29 @@ def pairs_of(run: Run, rows: list[dict], examples: list[Example] | None = None) 
             for row in rows for s in row["samples"]]
 
 
+def policy_logprobs(run: Run, pairs: list[Pair]) -> list[tuple[float, float]]:
+    """``(log pi(y^E|x), log pi(y_hat|x))`` of each pair under the current policy, each prompt
+    computed once, the pairs split over processes."""
+    def work(ps: list[Pair]) -> list[tuple[float, float]]:
+        chosen, rejected = pair_logprobs(run.policy, run.tokenizer.pad_token_id, [p.example.prompt_ids for p in ps],
+                                         [p.example.completion_ids for p in ps], [p.sample_ids for p in ps])
+        return list(zip(chosen, rejected))
+
+    return run.map_sharded(pairs, work)
+
+
 def heldout_margins(run: Run, pairs: list[Pair]) -> dict[str, float]:
     """The implicit reward's margin on held-out (demonstration, fresh sample) pairs that no
     step trained on: does what the policy learned to separate generalise?"""
-    pad, beta = run.tokenizer.pad_token_id, run.cfg.beta
-
-    def work(ps: list[Pair]) -> list[float]:
-        prompts = [p.example.prompt_ids for p in ps]
-        chosen = sequence_logprobs(run.policy, pad, prompts, [p.example.completion_ids for p in ps])
-        rejected = sequence_logprobs(run.policy, pad, prompts, [p.sample_ids for p in ps])
-        return [beta * ((c - p.ref_chosen) - (r - p.ref_rejected)) for p, c, r in zip(ps, chosen, rejected)]
-
-    margins = run.map_sharded(pairs, work)
+    beta = run.cfg.beta
+    margins = [beta * ((c - p.ref_chosen) - (r - p.ref_rejected)) for p, (c, r) in zip(pairs, policy_logprobs(run, pairs))]
     return {"heldout_margin": sum(margins) / len(margins),
             "heldout_margin_positive": sum(m > 0 for m in margins) / len(margins)}
 
 
 def rescore(run: Run, pairs: list[Pair]) -> list[Pair]:
-    """Reference log-probs of older pairs under the current pi_t (one forward pass each)."""
-    pad = run.tokenizer.pad_token_id
-
-    def work(ps: list[Pair]) -> list[tuple[float, float]]:
-        prompts = [p.example.prompt_ids for p in ps]
-        chosen = sequence_logprobs(run.policy, pad, prompts, [p.example.completion_ids for p in ps])
-        rejected = sequence_logprobs(run.policy, pad, prompts, [p.sample_ids for p in ps])
-        return list(zip(chosen, rejected))
-
-    refs = run.map_sharded(pairs, work)
-    return [Pair(p.example, p.sample_ids, c, r) for p, (c, r) in zip(pairs, refs)]
+    """Reference log-probs of older pairs under the current pi_t."""
+    return [Pair(p.example, p.sample_ids, c, r) for p, (c, r) in zip(pairs, policy_logprobs(run, pairs))]
 
 
 def irft_micro_loss(run: Run):
