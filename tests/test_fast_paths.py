@@ -48,6 +48,36 @@ def test_shared_prompt_forward_matches_separate_sequences(tokenizer):
         torch.testing.assert_close(b, a, rtol=1e-3, atol=5e-5)  # fp32 sums in another order
 
 
+def test_grouped_logprobs_match_one_sequence_at_a_time(tokenizer):
+    """RFT's reference pass: each prompt once for its k completions, batched with padding."""
+    from sftjuice.training import grouped_token_logprobs
+
+    model = build_tiny_model(tokenizer, seed=3)
+    groups = [COMPLETIONS[:2], COMPLETIONS[2:]]
+    out = grouped_token_logprobs(model, tokenizer.pad_token_id, PROMPTS, groups)
+    with torch.no_grad():
+        for p, g, rows in zip(PROMPTS, groups, out):
+            for c, row in zip(g, rows):
+                torch.testing.assert_close(torch.tensor(row), full_logprobs(model, p, c), rtol=0, atol=1e-5)
+
+
+def test_fused_adamw_matches_the_plain_one_over_steps(tokenizer):
+    """The training optimiser is AdamW's fused kernel: same weights after a few steps."""
+    plain, fused = build_tiny_model(tokenizer, seed=3), build_tiny_model(tokenizer, seed=3)
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.01, **kw)
+            for m, kw in ((plain, {"foreach": False}), (fused, {"fused": True}))]
+    batch = collate([PROMPTS[0], PROMPTS[1]], COMPLETIONS[:2], tokenizer.pad_token_id)
+    for _ in range(3):
+        for m, opt in zip((plain, fused), opts):
+            completion_logprobs(m, batch).sum().neg().backward()
+            opt.step()
+            opt.zero_grad()
+    moved = max((a - b).abs().max().item() for a, b in zip(plain.parameters(), build_tiny_model(tokenizer, seed=3).parameters()))
+    assert moved > 1e-3  # the steps did change the weights
+    for a, b in zip(plain.parameters(), fused.parameters()):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+
+
 def test_token_logprobs_without_the_full_log_softmax():
     logits = torch.randn(3, 5, 50, dtype=torch.float64) * 4
     ids = torch.randint(0, 50, (3, 5))

@@ -12,11 +12,12 @@ import torch
 
 from sftjuice.algorithms import rft, sft
 from sftjuice.config import SamplingConfig, SftjuiceError, TrainConfig, parse_args
-from sftjuice.data import ChatFormat, Example
+from sftjuice.data import ChatFormat
 from sftjuice.generation import sample
 from sftjuice.losses import kl_penalty, ppo_clip_loss, reward_pair_loss, rloo_advantages
 from sftjuice.models import load_policy, load_reward_model, load_tokenizer
 from sftjuice.storage import read_jsonl
+from sftjuice.training import token_logprobs_of
 
 from .conftest import REPO, read_metrics, run_cli, sort_rows, write_jsonl
 from .test_sft import assert_same_weights, kill_when
@@ -61,11 +62,10 @@ def test_rloo_advantages_and_kl_against_a_hand_example():
     torch.testing.assert_close(kl_penalty(logps, ref, mask), torch.tensor([0.5 - 1.0 + 0.0, 0.3 - 1.0]))
 
     # the round's computation: 2 prompts x 2 samples, reward minus beta * summed per-token KL
-    ex = Example([1], [2], 0)
-    rollouts = [rft.Rollout(ex, [5, 2], [-1.0, -0.5], [-2.0, -0.5]),  # kl 1.0
-                rft.Rollout(ex, [7], [-0.2], [-0.2]),  # kl 0
-                rft.Rollout(ex, [5, 6, 2], [-1.0, -1.0, -1.0], [-0.5, -0.5, -0.5]),  # kl -1.5
-                rft.Rollout(ex, [2], [-0.3], [-1.3])]  # kl 1.0
+    rollouts = [rft.Rollout([5, 2], [-1.0, -0.5], [-2.0, -0.5]),  # kl 1.0
+                rft.Rollout([7], [-0.2], [-0.2]),  # kl 0
+                rft.Rollout([5, 6, 2], [-1.0, -1.0, -1.0], [-0.5, -0.5, -0.5]),  # kl -1.5
+                rft.Rollout([2], [-0.3], [-1.3])]  # kl 1.0
     advantages, kl = rft.rollout_advantages(rollouts, [3.0, 1.0, 0.0, 2.0], beta=0.5, n=2)
     torch.testing.assert_close(kl, torch.tensor([1.0, 0.0, -1.5, 1.0]))
     shaped = [3.0 - 0.5, 1.0, 0.0 + 0.75, 2.0 - 0.5]
@@ -190,7 +190,7 @@ def measure(policy, ref, reward, tok, prompts, n=16):
     ps = [p for p, ss in zip(prompts, samples) for _ in ss]
     cs = [s.token_ids for ss in samples for s in ss]
     rewards = rft.reward_scores(reward, ps, cs)
-    ref_logps = [sum(t) for t in rft.token_logprobs_of(ref, tok.pad_token_id, ps, cs)]
+    ref_logps = [sum(t) for t in token_logprobs_of(ref, tok.pad_token_id, ps, cs)]
     kl = [s.logprob - r for s, r in zip((s for ss in samples for s in ss), ref_logps)]
     return sum(rewards) / len(rewards), sum(kl) / len(kl)
 

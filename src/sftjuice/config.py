@@ -68,7 +68,7 @@ class TrainConfig(ModelConfig, DataConfig, SamplingConfig):
     warmup_ratio: float = _f(0.0, "share of steps with linear warmup")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 = off)")
-    per_device_batch_size: int = _f(8, "sequences per process per micro-batch")
+    per_device_batch_size: int = _f(8, "sequences per process per micro-batch (rft: whole prompts, each with its --num-samples samples)")
     gradient_accumulation_steps: int = _f(1, "micro-batches per optimiser step")
     save_every: int = _f(0, "checkpoint every N optimiser steps (0 = at the end of each epoch/round only)")
     keep_checkpoints: int = _f(1, "how many checkpoints to keep")

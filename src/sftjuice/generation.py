@@ -47,7 +47,9 @@ def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator: tor
 
 
 @torch.inference_mode()
-def _sample_batch(model, prompts, cfg, stop_ids, pad_id, generator, autocast) -> list[Sample]:
+def _sample_batch(model, prompts, n, cfg, stop_ids, pad_id, generator, autocast) -> list[Sample]:
+    """``n`` samples of each prompt, prompt-major. Each prompt is prefilled once; its keys
+    and values are then repeated for its ``n`` rows."""
     device = next(model.parameters()).device
     B, P = len(prompts), max(len(p) for p in prompts)
     input_ids = torch.full((B, P), pad_id, dtype=torch.long, device=device)
@@ -56,18 +58,19 @@ def _sample_batch(model, prompts, cfg, stop_ids, pad_id, generator, autocast) ->
         input_ids[i, P - len(p):] = torch.tensor(p, device=device)
         mask[i, P - len(p):] = 1
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    stops = torch.tensor(stop_ids, device=device)
     cache = DynamicCache()
-    tokens = [[] for _ in range(B)]
-    logps = [[] for _ in range(B)]
-    finished = [False] * B
-    alive = torch.arange(B, device=device)  # rows still generating, in cache order
-    step_ids, step_pos = input_ids, positions
-    for _ in range(cfg.max_new_tokens):
-        with autocast:
-            out = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos,
-                        past_key_values=cache, use_cache=True, logits_to_keep=1)
-        logits = out.logits[:, -1].float()
+    with autocast:
+        out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                    past_key_values=cache, use_cache=True, logits_to_keep=1)
+    cache.batch_repeat_interleave(n)
+    logits = out.logits[:, -1].float().repeat_interleave(n, dim=0)
+    mask, step_pos = mask.repeat_interleave(n, dim=0), positions[:, -1:].repeat_interleave(n, dim=0)
+    stops = torch.tensor(stop_ids, device=device)
+    tokens = [[] for _ in range(B * n)]
+    logps = [[] for _ in range(B * n)]
+    finished = [False] * (B * n)
+    alive = torch.arange(B * n, device=device)  # rows still generating, in cache order
+    for t in range(cfg.max_new_tokens):
         nxt = _pick(logits, cfg.temperature, cfg.top_p, generator)
         lp = logits.log_softmax(-1).gather(-1, nxt[:, None]).squeeze(-1)
         done = torch.isin(nxt, stops)
@@ -76,14 +79,17 @@ def _sample_batch(model, prompts, cfg, stop_ids, pad_id, generator, autocast) ->
             logps[row].append(float(lp[j]))
             finished[row] = bool(done[j])
         keep = (~done).nonzero().squeeze(-1)
-        if keep.numel() == 0:
+        if keep.numel() == 0 or t == cfg.max_new_tokens - 1:
             break
         if keep.numel() < alive.numel():  # finished rows leave the batch and the cache
             cache.batch_select_indices(keep)
             alive, nxt, mask, step_pos = alive[keep], nxt[keep], mask[keep], step_pos[keep]
-        step_ids = nxt[:, None]
-        step_pos = step_pos[:, -1:] + 1
+        step_pos = step_pos + 1
         mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+        with autocast:
+            out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=step_pos,
+                        past_key_values=cache, use_cache=True)
+        logits = out.logits[:, -1].float()
     return [Sample(t, l, f) for t, l, f in zip(tokens, logps, finished)]
 
 
@@ -100,25 +106,27 @@ def sample(
 ) -> list[list[Sample]]:
     """``num_samples`` responses for each tokenised prompt, as ``result[prompt][k]``.
 
-    Rows are grouped by prompt length (less padding) and decoded ``generation_batch_size``
-    at a time with a KV cache; a row leaves the batch at its stop token."""
+    Prompts are grouped by length (less padding) and decoded ``generation_batch_size`` rows
+    at a time with a KV cache, each prompt computed once for its ``num_samples`` rows; a row
+    leaves the batch at its stop token."""
     n = num_samples or cfg.num_samples
     if use_vllm(cfg):
         return _sample_vllm(model, prompts, cfg, stop_ids, seed, n)
-    rows = sorted(((i, k) for i in range(len(prompts)) for k in range(n)), key=lambda r: -len(prompts[r[0]]))
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    per_batch = max(1, cfg.generation_batch_size // n)  # prompts per batch, n rows each
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     autocast = torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     was_training = model.training
     model.eval()
-    result: list[list[Sample | None]] = [[None] * n for _ in prompts]
-    bar = tqdm(total=len(rows), desc="sampling", unit="seq", disable=not progress, leave=False)
+    result: list[list[Sample]] = [[] for _ in prompts]
+    bar = tqdm(total=len(prompts) * n, desc="sampling", unit="seq", disable=not progress, leave=False)
     try:
-        for start in range(0, len(rows), cfg.generation_batch_size):
-            chunk = rows[start: start + cfg.generation_batch_size]
-            samples = _sample_batch(model, [prompts[i] for i, _ in chunk], cfg, stop_ids, pad_id, generator, autocast)
-            for (i, k), s in zip(chunk, samples):
-                result[i][k] = s
-            bar.update(len(chunk))
+        for start in range(0, len(order), per_batch):
+            chunk = order[start: start + per_batch]
+            samples = _sample_batch(model, [prompts[i] for i in chunk], n, cfg, stop_ids, pad_id, generator, autocast)
+            for j, i in enumerate(chunk):
+                result[i] = samples[j * n: (j + 1) * n]
+            bar.update(len(chunk) * n)
     finally:
         bar.close()
         model.train(was_training)

@@ -97,23 +97,31 @@ def sequence_logprobs(model, pad_id: int, prompts: list[list[int]], completions:
 
 
 @torch.inference_mode()
-def pair_logprobs(model, pad_id: int, prompts: list[list[int]], first: list[list[int]], second: list[list[int]],
-                  batch_size: int = 16) -> tuple[list[float], list[float]]:
-    """``log pi(first_i | prompt_i)`` and ``log pi(second_i | prompt_i)``, each prompt computed once."""
+def grouped_token_logprobs(model, pad_id: int, prompts: list[list[int]], groups: list[list[list[int]]],
+                           batch_size: int = 16) -> list[list[list[float]]]:
+    """Per-token ``log pi(y_t | x, y_<t)`` of each completion in ``groups[i]`` (the same number
+    for every prompt), answering ``prompts[i]``; each prompt is computed once, without gradients."""
     from .data import collate_shared
 
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    a, b = [], []
+    out = []
     for i in range(0, len(prompts), batch_size):
-        pairs = [ids for x, y in zip(first[i: i + batch_size], second[i: i + batch_size]) for ids in (x, y)]
-        batch = {k: v.to(device) for k, v in collate_shared(prompts[i: i + batch_size], pairs, pad_id).items()}
-        sums = shared_prompt_logprobs(model, batch).sum(-1).view(-1, 2)
-        a += sums[:, 0].tolist()
-        b += sums[:, 1].tolist()
+        group = groups[i: i + batch_size]
+        flat = [c for g in group for c in g]
+        batch = {k: v.to(device) for k, v in collate_shared(prompts[i: i + batch_size], flat, pad_id).items()}
+        rows = iter(row[: len(c)].tolist() for row, c in zip(shared_prompt_logprobs(model, batch), flat))
+        out += [[next(rows) for _ in g] for g in group]
     model.train(was_training)
-    return a, b
+    return out
+
+
+def pair_logprobs(model, pad_id: int, prompts: list[list[int]], first: list[list[int]], second: list[list[int]],
+                  batch_size: int = 16) -> tuple[list[float], list[float]]:
+    """``log pi(first_i | prompt_i)`` and ``log pi(second_i | prompt_i)``, each prompt computed once."""
+    sums = [[sum(t) for t in g] for g in grouped_token_logprobs(model, pad_id, prompts, list(map(list, zip(first, second))), batch_size)]
+    return [a for a, _ in sums], [b for _, b in sums]
 
 
 def chunks(items: list, size: int) -> list[list]:
@@ -175,7 +183,9 @@ class Run:
         from transformers import get_scheduler
 
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=self.cfg.learning_rate, weight_decay=self.cfg.weight_decay)
+        # the fused kernel: ~5x faster than foreach on this CPU (0.10 s vs 0.47 s a step for 135M parameters)
+        fused = self.accelerator.device.type in ("cpu", "cuda")
+        self.optimizer = torch.optim.AdamW(params, lr=self.cfg.learning_rate, weight_decay=self.cfg.weight_decay, fused=fused)
         self.scheduler = get_scheduler(
             self.cfg.lr_scheduler if self.cfg.lr_scheduler != "constant" else "constant_with_warmup",
             self.optimizer,
@@ -194,6 +204,7 @@ class Run:
         micro_loss: Callable[[list], tuple[torch.Tensor, dict[str, torch.Tensor]]],
         weight: Callable[[list], float],
         length: Callable[[object], int] | None = None,
+        micro_batch_size: int | None = None,
     ) -> dict[str, float]:
         """One update on ``global_batch`` (the same list on every process).
 
@@ -201,13 +212,14 @@ class Run:
         ``weight(items)`` the count the loss is normalised by. Returns the stats summed
         over all processes and divided by the global weight. With ``length(item)``, a
         process's items are sorted by length before they are cut into micro-batches, so
-        sequences of like length share padding (sums do not depend on the grouping)."""
+        sequences of like length share padding (sums do not depend on the grouping).
+        ``micro_batch_size`` items go through one forward (default ``per_device_batch_size``)."""
         acc = self.accelerator
         mine = global_batch[acc.process_index:: self.world]
         if length is not None:
             mine = sorted(mine, key=length)
         total = acc.reduce(torch.tensor(float(weight(mine)), device=acc.device), "sum").item()
-        micro = chunks(mine, self.cfg.per_device_batch_size)
+        micro = chunks(mine, micro_batch_size or self.cfg.per_device_batch_size)
         sums: dict[str, torch.Tensor] = {}
         for i, items in enumerate(micro):
             sync = i == len(micro) - 1

@@ -15,6 +15,9 @@ demonstrations is split into T sections; round t
      reward ``r_phi(x, y) - beta * sum_t log(pi_t(y_t) / pi_ref(y_t))`` (a per-token
      KL penalty folded into the sequence reward).
 
+Batches hold whole prompts (a :class:`Group`: prompt, demonstration, n samples), so every
+pass computes a prompt once for all of its completions.
+
 Why RLOO and a loop of our own, not TRL's PPO/RLOO trainers: those trainers own the whole
 loop (their own generation, reward calls, logging, checkpoints), which leaves no place
 for a reward step between sampling and the policy update, nor for rounds written to disk
@@ -53,22 +56,48 @@ from ..losses import kl_penalty, ppo_clip_loss, reward_pair_loss, rloo_advantage
 from ..models import (is_peft, load_policy, load_reward_model, load_tokenizer, resolve_model, reward_pad_id,
                       save_reward_model)
 from ..storage import read_jsonl, write_jsonl
-from ..training import Run, completion_logprobs, start_run, token_logprobs_of
-from .irft import count, round_sections
+from ..training import Run, grouped_token_logprobs, shared_prompt_logprobs, start_run
+from .irft import round_sections
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Rollout:
-    example: Example  # prompt and demonstration tokens
     token_ids: list[int]  # y_hat ~ pi_t
     logprobs: list[float]  # log pi_t(y_t | x, y_<t), the sampler's
     ref_logprobs: list[float]  # log pi_ref(y_t | x, y_<t)
     advantage: float = 0.0
 
-    def __len__(self) -> int:  # the padded width of its (demonstration, sample) pair
-        return len(self.example.prompt_ids) + max(len(self.example.completion_ids), len(self.token_ids))
+
+@dataclass
+class Group:
+    """A prompt with its demonstration and its n samples: the unit of every batch, so each
+    prompt is computed once for all of its completions."""
+    example: Example
+    samples: list[Rollout]
+
+    @property
+    def completions(self) -> list[list[int]]:  # the demonstration first
+        return [self.example.completion_ids] + [x.token_ids for x in self.samples]
+
+    def __len__(self) -> int:  # the padded width of its batch rows
+        return len(self.example.prompt_ids) + max(map(len, self.completions))
+
+
+def samples_in(groups: list[Group]) -> int:
+    """What RFT's losses are normalised by: (demonstration, sample) pairs, i.e. samples."""
+    return sum(len(g.samples) for g in groups)
+
+
+def prompts_per_micro_batch(cfg: TrainConfig) -> int:
+    """Batches hold whole prompts: ``per_device_batch_size`` counts samples, rounded down to
+    whole prompts of ``num_samples`` each (at least one)."""
+    return max(1, cfg.per_device_batch_size // cfg.num_samples)
+
+
+def prompts_per_step(run: Run) -> int:
+    return prompts_per_micro_batch(run.cfg) * run.cfg.gradient_accumulation_steps * run.world
 
 
 # ------------------------------------------------------------------ the two scorers
@@ -83,10 +112,11 @@ def load_reference(run: Run):
     return ref.to(run.accelerator.device).eval().requires_grad_(False)
 
 
-def reference_logprobs(run: Run, ref, prompts: list[list[int]], completions: list[list[int]]) -> list[list[float]]:
+def reference_logprobs(run: Run, ref, prompts: list[list[int]], groups: list[list[list[int]]]) -> list[list[list[float]]]:
+    """Per-token log pi_ref of each prompt's completions."""
     adapter_off = run.policy.disable_adapter() if ref is None else contextlib.nullcontext()
     with adapter_off, run.accelerator.autocast():  # the precision the policy samples and trains in
-        return token_logprobs_of(run.policy if ref is None else ref, run.tokenizer.pad_token_id, prompts, completions)
+        return grouped_token_logprobs(run.policy if ref is None else ref, run.tokenizer.pad_token_id, prompts, groups)
 
 
 def reward_forward(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -149,13 +179,25 @@ def setup_reward(run: Run, total_steps: int) -> Run:
     return reward
 
 
-def score_round(run: Run, reward: Run, rollouts: list[Rollout], n: int) -> tuple[list[float], list[float]]:
-    """r_phi of each prompt's demonstration and of each sample."""
-    model = run.accelerator.unwrap_model(reward.model)
-    demos = [x.example for x in rollouts[::n]]
-    demo = run.map_sharded(demos, lambda es: reward_scores(model, [e.prompt_ids for e in es], [e.completion_ids for e in es]))
-    own = run.map_sharded(rollouts, lambda xs: reward_scores(model, [x.example.prompt_ids for x in xs], [x.token_ids for x in xs]))
-    return demo, own
+@torch.no_grad()
+def group_rewards(reward: Run, groups: list[Group], batch_size: int = 16) -> list[list[float]]:
+    """r_phi of each group's completions (demonstration first), each prompt computed once."""
+    model = reward.accelerator.unwrap_model(reward.model)
+    was_training = model.training
+    model.eval()
+    out = []
+    for i in range(0, len(groups), batch_size):
+        gs = groups[i: i + batch_size]
+        batch = reward.collate_shared([g.example.prompt_ids for g in gs], [c for g in gs for c in g.completions])
+        out += shared_prompt_rewards(model, batch).view(len(gs), -1).tolist()
+    model.train(was_training)
+    return out
+
+
+def score_round(run: Run, reward: Run, groups: list[Group]) -> tuple[list[float], list[float]]:
+    """r_phi of each prompt's demonstration, and of each sample (flat, a prompt's n together)."""
+    scores = run.map_sharded(groups, lambda gs: group_rewards(reward, gs))
+    return [s[0] for s in scores], [x for s in scores for x in s[1:]]
 
 
 def pair_stats(prefix: str, demo: list[float], own: list[float], n: int) -> dict[str, float]:
@@ -177,13 +219,12 @@ def generate_round(run: Run, ref, r: int, section: list[int]) -> list[dict]:
         examples = [run.examples[i] for i in indices]
         samples = sample(run.policy, [e.prompt_ids for e in examples], cfg, run.chat.stop_token_ids,
                          run.tokenizer.pad_token_id, seed=seed, bf16=cfg.bf16, progress=run.is_main)
-        flat = [(e, s) for e, ss in zip(examples, samples) for s in ss]
-        refs = iter(reference_logprobs(run, ref, [e.prompt_ids for e, _ in flat], [s.token_ids for _, s in flat]))
+        refs = reference_logprobs(run, ref, [e.prompt_ids for e in examples], [[s.token_ids for s in ss] for ss in samples])
         return [
             {"example": i, "prompt": run.demos[e.index].prompt, "demonstration": run.demos[e.index].completion,
              "samples": [{"completion": run.chat.decode(s.token_ids), "token_ids": s.token_ids, "finished": s.finished,
-                          "token_logprobs": s.logprobs, "ref_token_logprobs": next(refs)} for s in ss]}
-            for i, e, ss in zip(indices, examples, samples)
+                          "token_logprobs": s.logprobs, "ref_token_logprobs": r} for s, r in zip(ss, rr)]}
+            for i, e, ss, rr in zip(indices, examples, samples, refs)
         ]
 
     rows = run.map_sharded(section, work)
@@ -193,10 +234,10 @@ def generate_round(run: Run, ref, r: int, section: list[int]) -> list[dict]:
     return rows
 
 
-def rollouts_of(run: Run, rows: list[dict]) -> list[Rollout]:
-    """One rollout per sample, a prompt's n samples next to each other."""
-    return [Rollout(run.examples[row["example"]], s["token_ids"], s["token_logprobs"], s["ref_token_logprobs"])
-            for row in rows for s in row["samples"]]
+def groups_of(run: Run, rows: list[dict]) -> list[Group]:
+    return [Group(run.examples[row["example"]],
+                  [Rollout(s["token_ids"], s["token_logprobs"], s["ref_token_logprobs"]) for s in row["samples"]])
+            for row in rows]
 
 
 def rollout_advantages(rollouts: list[Rollout], rewards: list[float], beta: float, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -214,12 +255,12 @@ def rollout_advantages(rollouts: list[Rollout], rewards: list[float], beta: floa
 def reward_micro_loss(reward: Run):
     cfg = reward.cfg
 
-    def micro_loss(items: list[Rollout]):
-        # a demonstration and a sample share their prompt: it is computed once for both
-        batch = reward.collate_shared([x.example.prompt_ids for x in items],
-                                      [ids for x in items for ids in (x.example.completion_ids, x.token_ids)])
-        scores = shared_prompt_rewards(reward.model, batch).view(-1, 2)
-        chosen, rejected = scores[:, 0], scores[:, 1]
+    def micro_loss(items: list[Group]):
+        # a prompt's demonstration and samples share it: it is computed once for all of them
+        batch = reward.collate_shared([g.example.prompt_ids for g in items], [c for g in items for c in g.completions])
+        scores = shared_prompt_rewards(reward.model, batch).view(len(items), -1)
+        rejected = scores[:, 1:].flatten()  # one pair per sample, its prompt's demonstration chosen
+        chosen = scores[:, :1].expand(-1, scores.shape[1] - 1).flatten()
         loss = reward_pair_loss(chosen, rejected, cfg.reward_loss, cfg.reward_l2)
         margin = (chosen - rejected).detach()
         return loss.sum(), {"loss": loss.sum(), "accuracy": (margin > 0).float().sum(), "margin": margin.sum(),
@@ -231,11 +272,12 @@ def reward_micro_loss(reward: Run):
 def policy_micro_loss(run: Run):
     cfg = run.cfg
 
-    def micro_loss(items: list[Rollout]):
-        batch = run.collate([x.example.prompt_ids for x in items], [x.token_ids for x in items])
-        logps = completion_logprobs(run.model, batch).sum(-1)
-        old = torch.tensor([sum(x.logprobs) for x in items], device=logps.device)
-        advantages = torch.tensor([x.advantage for x in items], device=logps.device)
+    def micro_loss(items: list[Group]):
+        batch = run.collate_shared([g.example.prompt_ids for g in items], [x.token_ids for g in items for x in g.samples])
+        logps = shared_prompt_logprobs(run.model, batch).sum(-1)
+        xs = [x for g in items for x in g.samples]
+        old = torch.tensor([sum(x.logprobs) for x in xs], device=logps.device)
+        advantages = torch.tensor([x.advantage for x in xs], device=logps.device)
         loss, clipped = ppo_clip_loss(logps, old, advantages, cfg.clip_range)
         return loss.sum(), {"loss": loss.sum(), "clip_fraction": clipped.float().sum(),
                             "log_ratio": (logps - old).detach().sum()}
@@ -253,7 +295,7 @@ def plan_rounds(run: Run) -> list[dict]:
         section = round_sections(len(run.examples), cfg.rounds, cfg.seed, epoch)[t]
         if not section:
             raise SftjuiceError(f"--rounds {cfg.rounds} leaves rounds without prompts ({len(run.examples)} demonstrations)")
-        per_pass = len(global_batches(len(section) * cfg.num_samples, run.global_batch_size, 0, 0, min_size=run.world))
+        per_pass = len(global_batches(len(section), prompts_per_step(run), 0, 0, min_size=run.world))
         plan.append({"section": section, "reward_steps": per_pass, "policy_steps": per_pass * cfg.policy_steps})
     return plan
 
@@ -274,7 +316,7 @@ def check_options(cfg: TrainConfig) -> None:
 def train(cfg: TrainConfig) -> Path:
     check_options(cfg)
     run = start_run(cfg)
-    n = cfg.num_samples
+    n, micro = cfg.num_samples, prompts_per_micro_batch(cfg)
     plan = plan_rounds(run)
     run.setup_optimizer(sum(p["policy_steps"] for p in plan))
     reward = setup_reward(run, sum(p["reward_steps"] for p in plan))
@@ -290,22 +332,23 @@ def train(cfg: TrainConfig) -> Path:
             continue
         t0 = time.time()
         rows = generate_round(run, ref, r, rnd["section"])
-        rollouts = rollouts_of(run, rows)
+        groups = groups_of(run, rows)
         t1 = time.time()
 
         # reward step: demonstrations up, pi_t's samples down (mid-round checkpoints come after it)
         reward_step_due = state["step"] <= start
         if reward_step_due:
-            held_out = score_round(run, reward, rollouts, n)
-            for batch in global_batches(len(rollouts), run.global_batch_size, cfg.seed, r * 1000, min_size=run.world):
+            held_out = score_round(run, reward, groups)
+            for batch in global_batches(len(groups), prompts_per_step(run), cfg.seed, r * 1000, min_size=run.world):
                 step += 1
-                stats = reward.optimizer_step([rollouts[i] for i in batch], reward_loss, count, length=len)
+                stats = reward.optimizer_step([groups[i] for i in batch], reward_loss, samples_in, length=len,
+                                              micro_batch_size=micro)
                 if step % cfg.log_every == 0:
                     run.log_metrics({"step": step, "round": r, "phase": "reward", **stats})
                 bar.update(1)
                 bar.set_postfix(round=r, reward_loss=f"{stats['loss']:.4f}", accuracy=f"{stats['accuracy']:.2f}")
         step = start + rnd["reward_steps"]
-        demo, own = score_round(run, reward, rollouts, n)
+        demo, own = score_round(run, reward, groups)
         if reward_step_due:
             run.log_metrics({
                 "step": step, "event": "reward", "round": r, **pair_stats("reward_heldout", *held_out, n),
@@ -315,16 +358,18 @@ def train(cfg: TrainConfig) -> Path:
         t2 = time.time()
 
         # policy step: K passes of PPO-clip on RLOO advantages of r_phi - beta * KL(pi_t || pi_ref)
+        rollouts = [x for g in groups for x in g.samples]
         advantages, kl = rollout_advantages(rollouts, own, cfg.beta, n)
         for x, a in zip(rollouts, advantages.tolist()):
             x.advantage = a
         for k in range(cfg.policy_steps):
-            for batch in global_batches(len(rollouts), run.global_batch_size, cfg.seed, r * 1000 + 1 + k, min_size=run.world):
+            for batch in global_batches(len(groups), prompts_per_step(run), cfg.seed, r * 1000 + 1 + k, min_size=run.world):
                 step += 1
                 if step <= state["step"]:
                     continue
-                stats = run.optimizer_step([rollouts[i] for i in batch], policy_loss, count, length=len)
-                adv = advantages[batch]
+                stats = run.optimizer_step([groups[i] for i in batch], policy_loss, samples_in, length=len,
+                                           micro_batch_size=micro)
+                adv = advantages.view(-1, n)[batch]
                 if step % cfg.log_every == 0:
                     run.log_metrics({"step": step, "round": r, "phase": "policy", "pass": k, **stats,
                                      "advantage_mean": adv.mean().item(), "advantage_std": adv.std(correction=0).item()})

@@ -1,0 +1,91 @@
+"""Equal-effort tuning for the quality benchmark, on validation prompts.
+
+Every method gets the same search: its learning rate at the benchmark's setting and at
+one third and three times it, each trained from the same one-epoch SFT model
+(benchmarks/quality.py's, clean demonstrations, seed 0) and judged on validation prompts:
+rows of the task's training file after the demonstrations used for training, so they are
+held out from training and disjoint from the test prompts the benchmark reports on. The
+benchmark's setting is the benchmark's own stage (trained here if quality.py has not run).
+
+Prints and writes benchmarks/results/tune.md and tune.json.
+
+    python benchmarks/tune.py [--factors 0.333 1 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import time
+from importlib.resources import files
+from pathlib import Path
+
+from sftjuice.algorithms import METHODS
+from sftjuice.config import TrainConfig
+from sftjuice.demo import STAGE_SETTINGS, DemoConfig, evaluate, run_stages
+from sftjuice.report import markdown_table, text_table
+from sftjuice.storage import read_jsonl, write_jsonl
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--factors", type=float, nargs="+", default=[1 / 3, 1.0, 3.0], help="learning-rate multipliers")
+    ap.add_argument("--methods", nargs="+", default=["sft", "irft", "spin", "rft"])
+    ap.add_argument("--validation-size", type=int, default=100)
+    ap.add_argument("--work", type=Path, default=Path("runs/quality"))
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    started = time.time()
+    demo = DemoConfig(output=str(args.work / "full" / "clean" / "seed0"), methods=args.methods, seed=0)
+    run_stages(demo)  # the benchmark's clean seed-0 stages (reused when quality.py made them)
+    sft_model = Path(demo.output) / "sft" / "final"
+    train = Path(demo.output) / "data" / "train.jsonl"
+    validation = args.work / "tune" / "validation.jsonl"
+    rows = read_jsonl(files("sftjuice") / "demo_data" / f"{demo.task}.train.jsonl")
+    write_jsonl(validation, rows[demo.train_size: demo.train_size + args.validation_size])
+
+    results = [{"method": "sft (start)", "learning rate": "—", **summary(evaluate(sft_model, validation, demo)), "train s": "0"}]
+    for method in args.methods:
+        settings = STAGE_SETTINGS[method]
+        for factor in args.factors:
+            lr = settings["learning_rate"] * factor
+            out = Path(demo.output) / f"sft+{method}" if factor == 1 else args.work / "tune" / f"{method}-lr{lr:.1e}"
+            timing = out / "train_seconds.json"
+            if not timing.exists():
+                t0 = time.time()
+                monitor = {"eval_data": str(validation), "eval_size": 16} if method in ("irft", "spin") else {}
+                METHODS[settings["method"]](TrainConfig(
+                    model=str(sft_model), data=str(train), output=str(out), seed=0, max_new_tokens=demo.max_new_tokens,
+                    resume=(out / "checkpoints").exists(), **{**settings, "learning_rate": lr}, **monitor))
+                shutil.rmtree(out / "checkpoints", ignore_errors=True)
+                timing.write_text(json.dumps(time.time() - t0))
+            ev = out / "validation.json"
+            if not ev.exists():
+                ev.write_text(json.dumps(summary(evaluate(out / "final", validation, demo))))
+            results.append({"method": f"sft+{method}", "learning rate": f"{lr:.1e}" + (" (benchmark)" if factor == 1 else ""),
+                            **json.loads(ev.read_text()), "train s": f"{json.loads(timing.read_text()):.0f}"})
+            if factor != 1:
+                shutil.rmtree(out / "final", ignore_errors=True)  # 0.5 GB each; the scores are kept
+
+    columns = list(results[0])
+    header = (f"Tuning on {args.validation_size} validation prompts ({demo.task}, clean demonstrations, seed 0, "
+              f"{demo.train_size} demonstrations); this invocation took {(time.time() - started) / 60:.0f} min")
+    print("\n" + header + "\n\n" + text_table(results, columns))
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "tune.md").write_text(f"# {header}\n\n" + markdown_table(results, columns))
+    (RESULTS / "tune.json").write_text(json.dumps({"factors": args.factors, "rows": results}, indent=1))
+    print(f"\nwrote {RESULTS / 'tune'}.md/.json")
+
+
+def summary(ev: dict) -> dict:
+    """The validation scores of one model, as table cells."""
+    return {"accuracy": "{mean:.1%} [{low:.1%}, {high:.1%}]".format(**ev["accuracy"]),
+            "log-prob gap": f"{ev['logprob_gap']['mean']:.2f}"}
+
+
+if __name__ == "__main__":
+    main()
