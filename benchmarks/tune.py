@@ -1,11 +1,10 @@
 """Equal-effort tuning for the quality benchmark, on validation prompts.
 
 Every method gets the same search: its learning rate at the benchmark's setting and at
-one third and three times it, each trained from the same one-epoch SFT model
-(benchmarks/quality.py's, clean demonstrations, seed 0) and judged on validation prompts:
-rows of the task's training file after the demonstrations used for training, so they are
-held out from training and disjoint from the test prompts the benchmark reports on. The
-benchmark's setting is the benchmark's own stage (trained here if quality.py has not run).
+one third and three times it, each trained from the same one-epoch SFT model (made as
+benchmarks/quality.py makes it: clean demonstrations, seed 0) and judged on validation
+prompts: rows of the task's training file after the demonstrations used for training, so
+they are held out from training and disjoint from the test prompts the benchmark reports on.
 
 Prints and writes benchmarks/results/tune.md and tune.json.
 
@@ -40,8 +39,8 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     started = time.time()
-    demo = DemoConfig(output=str(args.work / "full" / "clean" / "seed0"), methods=args.methods, seed=0)
-    run_stages(demo)  # the benchmark's clean seed-0 stages (reused when quality.py made them)
+    demo = DemoConfig(output=str(args.work / "tune" / "clean-seed0"), methods=[], seed=0)
+    run_stages(demo)  # the one-epoch SFT model every setting starts from
     sft_model = Path(demo.output) / "sft" / "final"
     train = Path(demo.output) / "data" / "train.jsonl"
     validation = args.work / "tune" / "validation.jsonl"
@@ -53,7 +52,7 @@ def main() -> None:
         settings = STAGE_SETTINGS[method]
         for factor in args.factors:
             lr = settings["learning_rate"] * factor
-            out = Path(demo.output) / f"sft+{method}" if factor == 1 else args.work / "tune" / f"{method}-lr{lr:.1e}"
+            out = args.work / "tune" / f"{method}-lr{lr:.1e}"
             timing = out / "train_seconds.json"
             if not timing.exists():
                 t0 = time.time()
@@ -68,8 +67,7 @@ def main() -> None:
                 ev.write_text(json.dumps(summary(evaluate(out / "final", validation, demo))))
             results.append({"method": f"sft+{method}", "learning rate": f"{lr:.1e}" + (" (benchmark)" if factor == 1 else ""),
                             **json.loads(ev.read_text()), "train s": f"{json.loads(timing.read_text()):.0f}"})
-            if factor != 1:
-                shutil.rmtree(out / "final", ignore_errors=True)  # 0.5 GB each; the scores are kept
+            shutil.rmtree(out / "final", ignore_errors=True)  # 0.5 GB each; the scores are kept
 
     columns = list(results[0])
     header = (f"Tuning on {args.validation_size} validation prompts ({demo.task}, clean demonstrations, seed 0, "

@@ -38,6 +38,28 @@ def test_sampler_logprobs_equal_a_fresh_forward_pass(tokenizer, temperature, top
                 torch.testing.assert_close(torch.tensor(s.logprobs), torch.tensor(fresh), atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.5, 0.8)])
+def test_token_picker_draws_from_the_tempered_top_p_distribution(temperature, top_p):
+    """20,000 draws per row against the distribution the settings define; tokens outside
+    the top-p set are never drawn."""
+    from sftjuice.generation import _pick
+
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -30.0], [0.0, 0.0, 3.0, 0.5, 1.0]])
+    probs = (logits / temperature).softmax(-1)
+    if top_p < 1.0:  # keep the most likely tokens until they cover top_p
+        sorted_p, order = probs.sort(-1, descending=True)
+        keep = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, sorted_p.cumsum(-1) - sorted_p < top_p)
+        probs = torch.where(keep, probs, 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
+    generator = torch.Generator().manual_seed(0)
+    draws = torch.stack([_pick(logits, temperature, top_p, generator) for _ in range(20_000)])
+    for row in range(2):
+        freq = torch.bincount(draws[:, row], minlength=5).double() / len(draws)
+        sigma = (probs[row].double() * (1 - probs[row].double()) / len(draws)).sqrt()
+        assert ((freq - probs[row].double()).abs() <= 4 * sigma + 1e-12).all(), (freq, probs[row])
+        assert (freq[probs[row] == 0] == 0).all()
+
+
 def test_sampling_is_reproducible_and_stops_at_eos(tokenizer):
     model = build_tiny_model(tokenizer, seed=1).eval()
     with torch.no_grad():  # make the end-of-turn token likely so some rows stop early

@@ -35,7 +35,7 @@ class Sample:
 def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
     if temperature == 0:
         return logits.argmax(-1)
-    scaled = logits / temperature
+    scaled = logits / temperature if temperature != 1.0 else logits
     if top_p < 1.0:
         sorted_logits, order = scaled.sort(-1, descending=True)
         probs = sorted_logits.softmax(-1)
@@ -43,7 +43,12 @@ def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator: tor
         drop = probs.cumsum(-1) - probs >= top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         scaled = torch.full_like(scaled, float("-inf")).scatter(-1, order, sorted_logits)
-    return torch.multinomial(scaled.softmax(-1), 1, generator=generator).squeeze(-1)
+    # inverse-CDF sampling: one uniform per row (torch.multinomial draws one exponential per
+    # vocabulary entry, 13% of sampling time here); float64 so the CDF's rounding is negligible
+    cdf = scaled.softmax(-1).double().cumsum(-1)
+    u = torch.rand((cdf.shape[0], 1), generator=generator, dtype=torch.float64, device=cdf.device) * cdf[:, -1:]
+    # right=True: the first token whose CDF exceeds u, never a token of probability 0
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
 
 
 @torch.inference_mode()
