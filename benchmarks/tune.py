@@ -1,7 +1,8 @@
 """Equal-effort tuning for the quality benchmark, on validation prompts.
 
-Every method gets the same search: its learning rate at the benchmark's setting and at
-one third and three times it, each trained from the same one-epoch SFT model (made as
+Every method gets the same search: its learning rate at the benchmark's setting
+(``demo.STAGE_SETTINGS``; the committed results are from before the search picked new ones)
+and at one third and three times it, each trained from the same one-epoch SFT model (made as
 benchmarks/quality.py makes it: clean demonstrations, seed 0) and judged on validation
 prompts: rows of the task's training file after the demonstrations used for training, so
 they are held out from training and disjoint from the test prompts the benchmark reports on.

@@ -45,15 +45,17 @@ class DemoConfig:
 
 
 # What each method does after the shared SFT epoch; all start from the SFT model and see
-# the same demonstrations once more.
+# the same demonstrations once more. Learning rates: the best of {1/3, 1, 3} x the previous
+# setting (5e-5 for SFT, 1e-5 for the others) on validation prompts, the same search for
+# every method (benchmarks/tune.py, benchmarks/results/tune.md).
 STAGE_SETTINGS = {
     "sft": dict(method="sft", epochs=1.0, learning_rate=5e-5, lr_scheduler="linear"),
     "irft": dict(method="irft", epochs=1.0, rounds=4, passes=1, beta=0.1, loss="logistic",
-                 learning_rate=1e-5, lr_scheduler="constant"),
+                 learning_rate=1e-5 / 3, lr_scheduler="constant"),
     "spin": dict(method="spin", iterations=1, passes=1, beta=0.1, loss="logistic",
-                 learning_rate=1e-5, lr_scheduler="constant"),
+                 learning_rate=1e-5 / 3, lr_scheduler="constant"),
     "rft": dict(method="rft", epochs=1.0, rounds=4, num_samples=2, policy_steps=1, beta=0.1,
-                learning_rate=1e-5, reward_learning_rate=2e-5, lr_scheduler="constant"),
+                learning_rate=1e-5 / 3, reward_learning_rate=2e-5, lr_scheduler="constant"),
 }
 
 
