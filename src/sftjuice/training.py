@@ -72,22 +72,10 @@ def shared_prompt_logprobs(model, batch: dict[str, torch.Tensor]) -> torch.Tenso
     return logps * batch["completion_mask"]
 
 
-@torch.inference_mode()
 def token_logprobs_of(model, pad_id: int, prompts: list[list[int]], completions: list[list[int]],
                       batch_size: int = 16) -> list[list[float]]:
     """Per-token ``log pi(y_t | x, y_<t)`` of each completion, batched, without gradients."""
-    from .data import collate
-
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        cs = completions[i: i + batch_size]
-        batch = {k: v.to(device) for k, v in collate(prompts[i: i + batch_size], cs, pad_id).items()}
-        out += [row[: len(c)].tolist() for row, c in zip(completion_logprobs(model, batch), cs)]
-    model.train(was_training)
-    return out
+    return [g[0] for g in grouped_token_logprobs(model, pad_id, prompts, [[c] for c in completions], batch_size)]
 
 
 def sequence_logprobs(model, pad_id: int, prompts: list[list[int]], completions: list[list[int]],
