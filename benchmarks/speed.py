@@ -123,18 +123,18 @@ def trl_train(args, pairs, precision: str) -> dict:
 
 def our_pairs(run, pairs):
     """IRFT pairs with their references filled in (not timed: the sampler gives them in a round)."""
-    from sftjuice.algorithms.irft import Pair
+    from sftjuice.algorithms.rounds import Completion, Group
     from sftjuice.data import parse_row
 
     out = []
     for p, e in zip(pairs, run.examples):
         rejected = run.chat.completion_ids(parse_row({"prompt": p["prompt"], "completion": p["rejected"]}, "").prompt, p["rejected"])
-        out.append(Pair(e, rejected, 0.0, 0.0))
+        out.append(Group(e, [Completion(rejected, [0.0])], demonstration_logprob=0.0))
     return out
 
 
 def start(args, pairs, name: str, **overrides):
-    from sftjuice.config import TrainConfig
+    from sftjuice.config import IRFTConfig
     from sftjuice.storage import write_jsonl
     from sftjuice.training import start_run
 
@@ -142,30 +142,31 @@ def start(args, pairs, name: str, **overrides):
     write_jsonl(data, [{"prompt": p["prompt"], "completion": p["chosen"]} for p in pairs])
     options = dict(per_device_batch_size=8, learning_rate=1e-6, lr_scheduler="constant", seed=SEED,
                    max_new_tokens=args.new_tokens, generation_batch_size=32)
-    cfg = TrainConfig(data=str(data), output=str(args.work / name), **{**options, **overrides})
+    cfg = IRFTConfig(data=str(data), output=str(args.work / name), overwrite=True, **{**options, **overrides})
     return start_run(cfg)
 
 
 def ours_train(args, pairs) -> dict:
-    from sftjuice.algorithms.irft import count, irft_micro_loss
+    from sftjuice.algorithms.irft import pair_micro_loss
+    from sftjuice.algorithms.rounds import samples_in
 
     run = start(args, pairs, "ours-train")
-    run.setup_optimizer(args.train_steps)
+    learner = run.learner(run.policy_model, run.cfg.learning_rate, args.train_steps)
     items = our_pairs(run, pairs)
-    loss = irft_micro_loss(run)
+    loss = pair_micro_loss(learner, run.cfg)
     tokens = flops = 0
     # FLOPs actually executed: the shared prompt runs once for both sides, the LM head only
     # on completion positions, and the input embedding is a lookup
-    model = run.model
+    model = learner.model
     head = model.get_output_embeddings().weight.numel()
     tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
     body = sum(p.numel() for p in model.parameters()) - head - (0 if tied else model.get_input_embeddings().weight.numel())
     t0 = time.time()
     for step in range(args.train_steps):
         batch = items[step * 8: (step + 1) * 8]
-        run.optimizer_step(batch, loss, count, length=len)
+        learner.step(batch, loss, samples_in, length=len)
         for x in batch:
-            completions = len(x.example.completion_ids) + len(x.sample_ids)
+            completions = len(x.example.completion_ids) + len(x.samples[0].token_ids)
             tokens += 2 * len(x.example.prompt_ids) + completions
             flops += 6 * body * (len(x.example.prompt_ids) + completions) + 6 * head * completions
     seconds = time.time() - t0
@@ -218,18 +219,21 @@ def ours_generate(args, pairs) -> dict:
 
 def ours_round(args, pairs) -> dict:
     """Generate + reference log-probs of the demonstrations + one pass, as irft.train does."""
-    from sftjuice.algorithms.irft import count, generate_round, irft_micro_loss, pairs_of
-    from sftjuice.data import global_batches
+    from sftjuice.algorithms import rounds
+    from sftjuice.algorithms.irft import demonstration_logprobs, pair_micro_loss
+    from sftjuice.training import weights_fingerprint
 
     run = start(args, pairs, f"ours-round-{len(pairs)}-{args.max_length}", max_length=args.max_length,
                 max_prompt_length=args.max_length)
-    run.setup_optimizer(len(pairs) // 8 + 1)
-    loss = irft_micro_loss(run)
+    learner = run.learner(run.policy_model, run.cfg.learning_rate, len(pairs) // 8 + 1)
+    loss = pair_micro_loss(learner, run.cfg)
     t0 = time.time()
-    items = pairs_of(run, generate_round(run, 0, list(range(len(run.examples)))))
+    rows = rounds.sample_round(run, 0, list(range(len(run.examples))), SEED, weights_fingerprint(run.policy),
+                               annotate=demonstration_logprobs(run))
+    items = rounds.groups_of(rows, run.examples)
     t1 = time.time()
-    for batch in global_batches(len(items), run.global_batch_size, SEED, 0):
-        run.optimizer_step([items[i] for i in batch], loss, count, length=len)
+    for batch in rounds.batches(run, len(items), 0, 0):
+        learner.step([items[i] for i in batch], loss, rounds.samples_in, length=len)
     t2 = time.time()
     return {"seconds": t2 - t0, "generate_and_reference_seconds": t1 - t0, "train_seconds": t2 - t1,
             "peak_rss_gb": peak_rss_gb(), "prompts": len(pairs), "max_length": args.max_length}

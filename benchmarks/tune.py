@@ -1,7 +1,7 @@
 """Equal-effort tuning for the quality benchmark, on validation prompts.
 
-Every method gets the same search: its learning rate at the benchmark's setting
-(``demo.STAGE_SETTINGS``; the committed results are from before the search picked new ones)
+Every method gets the same search: its learning rate at its default (the method's config in
+``sftjuice.config``; the committed results are from before the search picked new ones)
 and at one third and three times it, each trained from the same one-epoch SFT model (made as
 benchmarks/quality.py makes it: clean demonstrations, seed 0) and judged on validation
 prompts: rows of the task's training file after the demonstrations used for training, so
@@ -22,9 +22,11 @@ import time
 from importlib.resources import files
 from pathlib import Path
 
-from sftjuice.algorithms import METHODS
-from sftjuice.config import TrainConfig
-from sftjuice.demo import STAGE_SETTINGS, DemoConfig, evaluate, run_stages
+from sftjuice import train
+from sftjuice.config import METHOD_CONFIGS
+from sftjuice.data import load_demonstrations
+from sftjuice.demo import DemoConfig, run_stages
+from sftjuice.evaluation import evaluate_model
 from sftjuice.report import markdown_table, text_table
 from sftjuice.storage import read_jsonl, write_jsonl
 
@@ -48,24 +50,26 @@ def main() -> None:
     rows = read_jsonl(files("sftjuice") / "demo_data" / f"{demo.task}.train.jsonl")
     write_jsonl(validation, rows[demo.train_size: demo.train_size + args.validation_size])
 
-    results = [{"method": "sft (start)", "learning rate": "—", **summary(evaluate(sft_model, validation, demo)), "train s": "0"}]
+    held_out = load_demonstrations(validation)
+    results = [{"method": "sft (start)", "learning rate": "—", **summary(evaluate_model(sft_model, held_out, demo.max_new_tokens)),
+                "train s": "0"}]
     for method in args.methods:
-        settings = STAGE_SETTINGS[method]
+        config = METHOD_CONFIGS[method]
         for factor in args.factors:
-            lr = settings["learning_rate"] * factor
+            lr = config().learning_rate * factor
             out = args.work / "tune" / f"{method}-lr{lr:.1e}"
             timing = out / "train_seconds.json"
             if not timing.exists():
                 t0 = time.time()
                 monitor = {"eval_data": str(validation), "eval_size": 16} if method in ("irft", "spin") else {}
-                METHODS[settings["method"]](TrainConfig(
-                    model=str(sft_model), data=str(train), output=str(out), seed=0, max_new_tokens=demo.max_new_tokens,
-                    resume=(out / "checkpoints").exists(), **{**settings, "learning_rate": lr}, **monitor))
+                sampling = {} if method == "sft" else {"max_new_tokens": demo.max_new_tokens}
+                train(config(model=str(sft_model), data=str(train), output=str(out), seed=0, learning_rate=lr,
+                             resume=True, **sampling, **monitor))
                 shutil.rmtree(out / "checkpoints", ignore_errors=True)
                 timing.write_text(json.dumps(time.time() - t0))
             ev = out / "validation.json"
             if not ev.exists():
-                ev.write_text(json.dumps(summary(evaluate(out / "final", validation, demo))))
+                ev.write_text(json.dumps(summary(evaluate_model(out / "final", held_out, demo.max_new_tokens))))
             results.append({"method": f"sft+{method}", "learning rate": f"{lr:.1e}" + (" (benchmark)" if factor == 1 else ""),
                             **json.loads(ev.read_text()), "train s": f"{json.loads(timing.read_text()):.0f}"})
             shutil.rmtree(out / "final", ignore_errors=True)  # 0.5 GB each; the scores are kept

@@ -58,12 +58,12 @@ def wrong_task_model_dir(tmp_path_factory, tiny_model_dir) -> Path:
     """The tiny model after SFT on another task (place-value questions): a policy whose own
     answers are confident and unlike the sorting demonstrations, as a pretrained model's are."""
     from sftjuice.algorithms import sft
-    from sftjuice.config import TrainConfig
+    from sftjuice.config import SFTConfig
 
     root = tmp_path_factory.mktemp("wrong_task")
     rows = (REPO / "src/sftjuice/demo_data/numbers__place_value.train.jsonl").read_text().splitlines()[:24]
     (root / "other.jsonl").write_text("\n".join(rows) + "\n")
-    cfg = TrainConfig(model=str(tiny_model_dir), data=str(root / "other.jsonl"), output=str(root / "run"), epochs=30,
+    cfg = SFTConfig(model=str(tiny_model_dir), data=str(root / "other.jsonl"), output=str(root / "run"), epochs=30,
                       per_device_batch_size=8, learning_rate=3e-3, lr_scheduler="constant", seed=4)
     return sft.train(cfg)
 

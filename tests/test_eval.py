@@ -11,7 +11,7 @@ import torch
 
 from sftjuice.algorithms import sft
 from sftjuice.cli import main
-from sftjuice.config import EvalConfig, SamplingConfig, TrainConfig
+from sftjuice.config import EvalConfig, SamplingConfig, SFTConfig
 from sftjuice.data import CHATML_TEMPLATE, ChatFormat, DataError, load_demonstrations
 from sftjuice.evaluation import (Response, RewardJudge, WinRate, accuracy, compare, load_pairs, mean_interval,
                                  proportion, run_eval, verify)
@@ -234,7 +234,7 @@ def test_gap_of_a_model_equals_hand_computed_logprob_differences(tiny_model_dir,
 def test_gap_across_the_checkpoints_of_a_training_folder(tiny_model_dir, tmp_path, lora):
     data = write_jsonl(tmp_path / "d.jsonl", sort_rows(8))
     run = tmp_path / "run"
-    sft.train(TrainConfig(model=str(tiny_model_dir), data=str(data), output=str(run), per_device_batch_size=4,
+    sft.train(SFTConfig(model=str(tiny_model_dir), data=str(data), output=str(run), per_device_batch_size=4,
                           save_every=1, keep_checkpoints=100, learning_rate=1e-2 if lora else 1e-3, lora=lora))
     pairs = write_jsonl(tmp_path / "pairs.jsonl", pairs_rows(4))
     out = tmp_path / "out"

@@ -7,7 +7,7 @@ import torch
 
 from sftjuice.data import collate, collate_shared
 from sftjuice.losses import token_logprobs
-from sftjuice.training import completion_logprobs, shared_prompt_logprobs
+from sftjuice.scoring import completion_logprobs, shared_logprobs, shared_rewards, token_logprobs_of
 
 from .conftest import build_tiny_model, read_metrics, run_cli
 
@@ -39,7 +39,7 @@ def test_shared_prompt_forward_matches_separate_sequences(tokenizer):
     model = build_tiny_model(tokenizer, seed=3)
     prompts = [PROMPTS[0], PROMPTS[0], PROMPTS[1], PROMPTS[1]]
     separate = completion_logprobs(model, collate(prompts, COMPLETIONS, tokenizer.pad_token_id))
-    shared = shared_prompt_logprobs(model, collate_shared(PROMPTS, COMPLETIONS, tokenizer.pad_token_id))
+    shared = shared_logprobs(model, collate_shared(PROMPTS, COMPLETIONS, tokenizer.pad_token_id))
     torch.testing.assert_close(shared, separate, rtol=0, atol=1e-5)
     weights = torch.tensor([1.0, -2.0, 0.5, 3.0])  # an arbitrary loss of all four
     g_sep = grads(model, (separate.sum(-1) * weights).sum())
@@ -50,32 +50,43 @@ def test_shared_prompt_forward_matches_separate_sequences(tokenizer):
 
 def test_grouped_logprobs_match_one_sequence_at_a_time(tokenizer):
     """RFT's reference pass: each prompt once for its k completions, batched with padding."""
-    from sftjuice.training import grouped_token_logprobs
-
     model = build_tiny_model(tokenizer, seed=3)
     groups = [COMPLETIONS[:2], COMPLETIONS[2:]]
-    out = grouped_token_logprobs(model, tokenizer.pad_token_id, PROMPTS, groups)
+    out = token_logprobs_of(model, tokenizer.pad_token_id, PROMPTS, groups)
     with torch.no_grad():
         for p, g, rows in zip(PROMPTS, groups, out):
             for c, row in zip(g, rows):
                 torch.testing.assert_close(torch.tensor(row), full_logprobs(model, p, c), rtol=0, atol=1e-5)
 
 
-def test_fused_adamw_matches_the_plain_one_over_steps(tokenizer):
-    """The training optimiser is AdamW's fused kernel: same weights after a few steps."""
-    plain, fused = build_tiny_model(tokenizer, seed=3), build_tiny_model(tokenizer, seed=3)
-    opts = [torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.01, **kw)
-            for m, kw in ((plain, {"foreach": False}), (fused, {"fused": True}))]
-    batch = collate([PROMPTS[0], PROMPTS[1]], COMPLETIONS[:2], tokenizer.pad_token_id)
+def test_learner_step_is_plain_adamw_on_the_globally_normalised_clipped_gradient(tiny_model_dir, demo_file, tmp_path):
+    """A Learner's optimiser step (fused AdamW, loss summed over micro-batches and divided by
+    the global token count, gradient clipped) equals plain AdamW on the mean NLL, over steps."""
+    from sftjuice.algorithms.sft import completion_tokens, sft_micro_loss
+    from sftjuice.config import SFTConfig
+    from sftjuice.training import start_run
+
+    cfg = SFTConfig(model=str(tiny_model_dir), data=str(demo_file), output=str(tmp_path / "o"), learning_rate=1e-3,
+                    weight_decay=0.01, max_grad_norm=0.5, per_device_batch_size=2, lr_scheduler="constant")
+    run = start_run(cfg)
+    plain = build_tiny_model(run.tokenizer, seed=0)
+    plain.load_state_dict(run.policy_model.state_dict())
+    learner = run.learner(run.policy_model, cfg.learning_rate, total_steps=3)
+    assert learner.optimizer.optimizer.defaults["fused"]
+    opt = torch.optim.AdamW(plain.parameters(), lr=1e-3, weight_decay=0.01, foreach=False)
+    examples = run.examples[:6]
+    batch = collate([e.prompt_ids for e in examples], [e.completion_ids for e in examples], run.tokenizer.pad_token_id)
     for _ in range(3):
-        for m, opt in zip((plain, fused), opts):
-            completion_logprobs(m, batch).sum().neg().backward()
-            opt.step()
-            opt.zero_grad()
-    moved = max((a - b).abs().max().item() for a, b in zip(plain.parameters(), build_tiny_model(tokenizer, seed=3).parameters()))
+        learner.step(examples, sft_micro_loss(learner), completion_tokens, length=len)  # 3 micro-batches of 2
+        loss = -completion_logprobs(plain, batch).sum() / completion_tokens(examples)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(plain.parameters(), 0.5)
+        opt.step()
+        opt.zero_grad()
+    moved = max((a - b).abs().max().item() for a, b in zip(plain.parameters(), build_tiny_model(run.tokenizer, seed=0).parameters()))
     assert moved > 1e-3  # the steps did change the weights
-    for a, b in zip(plain.parameters(), fused.parameters()):
-        torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+    for a, b in zip(plain.parameters(), learner.unwrapped.parameters()):
+        torch.testing.assert_close(b, a, rtol=0, atol=2e-6)
 
 
 def test_token_logprobs_without_the_full_log_softmax():
@@ -85,26 +96,22 @@ def test_token_logprobs_without_the_full_log_softmax():
     torch.testing.assert_close(token_logprobs(logits, ids).double(), expected, rtol=0, atol=1e-5)  # fp32 result
 
 
-def test_bf16_grid_snapping_stops_tiny_steps_from_flipping_bf16_weights():
-    """The dequantised GGUF weights sit between bf16 values, many exactly halfway; a 5e-7
-    update then flips their bf16 cast by a whole bf16 step. Snapped weights do not flip."""
-    torch.manual_seed(0)
-    snapped = (torch.randn(10_000) * 0.05).to(torch.bfloat16).float()
-    # exactly halfway between a bf16 value and the next one up (the worst case)
-    ulp = 2.0 ** (torch.floor(torch.log2(snapped.abs())) - 7)  # bf16 keeps 8 significant bits
-    halfway = snapped + ulp / 2
-    step = 5e-7 * torch.sign(torch.randn(10_000))  # an Adam-sized update
-    flips = lambda w: ((w + step).to(torch.bfloat16) != w.to(torch.bfloat16)).float().mean().item()  # noqa: E731
-    assert flips(snapped) < 0.01  # only weights so small that 5e-7 is half their bf16 spacing
-    assert flips(halfway) > 0.4
-
-
 @pytest.mark.realmodel
-def test_default_model_weights_lie_on_the_bf16_grid(default_model_dir):
+def test_default_model_conversion_stores_bf16_values_that_load_as_exact_fp32(default_model_dir):
+    """The GGUF's dequantised weights sit between bf16 values, many exactly halfway, where the
+    tiniest update flips their bf16 cast; the conversion rounds them to bf16 once, and the
+    policy loads them as fp32 values on the bf16 grid."""
     from safetensors.torch import load_file
 
-    for name, w in load_file(default_model_dir / "model.safetensors").items():
-        assert w.dtype == torch.bfloat16, name  # stored in bf16, loaded as exact fp32
+    from sftjuice.config import ModelConfig
+    from sftjuice.models import load_policy
+
+    stored = load_file(default_model_dir / "model.safetensors")
+    assert {w.dtype for w in stored.values()} == {torch.bfloat16}
+    model = load_policy(ModelConfig(), default_model_dir, trainable=False)
+    for name, w in model.state_dict().items():
+        assert w.dtype == torch.float32
+        assert torch.equal(w, w.to(torch.bfloat16).float()), name
 
 
 def test_bf16_autocast_training_tracks_fp32_over_several_steps(tiny_model_dir, demo_file, tmp_path):
@@ -122,14 +129,15 @@ def test_bf16_autocast_training_tracks_fp32_over_several_steps(tiny_model_dir, d
 
 
 def test_shared_prompt_rewards_match_separate_sequences(tiny_model_dir, tokenizer):
-    from sftjuice.algorithms.rft import reward_forward, shared_prompt_rewards
     from sftjuice.models import load_reward_model, reward_pad_id
 
     pad = reward_pad_id(tokenizer, [tokenizer.eos_token_id])
     model = load_reward_model(tiny_model_dir, pad_token_id=pad)
     prompts = [PROMPTS[0], PROMPTS[0], PROMPTS[1], PROMPTS[1]]
-    separate = reward_forward(model, collate(prompts, COMPLETIONS, pad))
-    shared = shared_prompt_rewards(model, collate_shared(PROMPTS, COMPLETIONS, pad))
+    plain = collate(prompts, COMPLETIONS, pad)  # one prompt per completion, HF's last-token read
+    separate = model(input_ids=plain["input_ids"], attention_mask=plain["attention_mask"],
+                     position_ids=plain["position_ids"]).logits.squeeze(-1)
+    shared = shared_rewards(model, collate_shared(PROMPTS, COMPLETIONS, pad))
     torch.testing.assert_close(shared, separate, rtol=0, atol=1e-5)
     weights = torch.tensor([1.0, -2.0, 0.5, 3.0])
     for a, b in zip(grads(model, (separate * weights).sum()), grads(model, (shared * weights).sum())):

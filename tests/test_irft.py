@@ -10,12 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sftjuice.config import SamplingConfig, SftjuiceError, TrainConfig
+from sftjuice.config import IRFTConfig, ModelConfig, SamplingConfig, SftjuiceError
 from sftjuice.data import ChatFormat, collate
 from sftjuice.generation import sample
+from sftjuice.config import parse_args
 from sftjuice.losses import irl_pair_loss, margin_loss
 from sftjuice.models import load_policy, load_tokenizer
-from sftjuice.training import completion_logprobs, sequence_logprobs
+from sftjuice.storage import read_jsonl
+from sftjuice.scoring import completion_logprobs, sequence_logprobs_of, singletons, token_logprobs_of
 
 from .conftest import REPO, build_tiny_model, read_metrics, run_cli, sort_rows, write_jsonl
 from .test_sft import assert_same_weights, kill_when
@@ -77,14 +79,15 @@ def test_sampling_is_reproducible_and_stops_at_eos(tokenizer):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU side of the backend seam")
-def test_generation_backend_seam_on_cpu(tokenizer):
+def test_vllm_only_when_asked_for_and_missing_is_one_line(tokenizer):
     from sftjuice.generation import use_vllm
 
-    assert not use_vllm(SamplingConfig(generation_backend="auto"))  # no GPU: the in-process sampler
-    assert not use_vllm(SamplingConfig(generation_backend="torch"))
+    assert not use_vllm(SamplingConfig())  # the default is the in-process sampler
     with pytest.raises(SftjuiceError, match="needs the vllm package and a CUDA GPU"):
         sample(build_tiny_model(tokenizer), [[1, 2]], SamplingConfig(generation_backend="vllm"),
                [tokenizer.eos_token_id], tokenizer.pad_token_id, seed=0, progress=False)
+    with pytest.raises(SftjuiceError, match="--generation-backend 'auto': must be one of torch, vllm"):
+        parse_args(IRFTConfig, ["--generation-backend", "auto"], prog="t")
 
 
 @pytest.mark.parametrize(
@@ -147,11 +150,13 @@ def test_a_linear_loss_round_raises_demonstrations_and_lowers_samples(wrong_task
     tok = load_tokenizer(out / "final")
     chat = ChatFormat(tok, [tok.eos_token_id])
     prompts = [chat.prompt_ids(r["prompt"]) for r in rows]
-    after = load_policy(TrainConfig(), out / "final", trainable=False)
-    demo_after = sequence_logprobs(after, tok.pad_token_id, prompts, [chat.completion_ids(r["prompt"], r["demonstration"]) for r in rows])
-    sample_after = sequence_logprobs(after, tok.pad_token_id, prompts, [r["samples"][0]["token_ids"] for r in rows])
+    after = load_policy(ModelConfig(), out / "final", trainable=False)
+    demo_after = [x[0] for x in sequence_logprobs_of(after, tok.pad_token_id, prompts, singletons(
+        [chat.completion_ids(r["prompt"], r["demonstration"]) for r in rows]))]
+    sample_after = [x[0] for x in sequence_logprobs_of(after, tok.pad_token_id, prompts, singletons(
+        [r["samples"][0]["token_ids"] for r in rows]))]
     demo_before = [r["demonstration_logprob"] for r in rows]
-    sample_before = [r["samples"][0]["logprob"] for r in rows]
+    sample_before = [sum(r["samples"][0]["token_logprobs"]) for r in rows]
     assert sum(demo_after) / 24 > sum(demo_before) / 24 + 10.0
     assert sum(sample_after) / 24 < sum(sample_before) / 24 - 1.0
     steps = [m for m in read_metrics(out) if "event" not in m]
@@ -166,19 +171,35 @@ def test_a_linear_loss_round_raises_demonstrations_and_lowers_samples(wrong_task
 
 
 def test_spin_equals_irft_with_matching_settings(tiny_model_dir, demo_file, tmp_path):
-    common = ["--model", tiny_model_dir, "--data", demo_file, *IRFT, "--passes", "1"]
+    common = ["--model", tiny_model_dir, "--data", demo_file, *IRFT[2:], "--passes", "1"]  # without --epochs
     run_cli("train", "--method", "spin", "--iterations", "2", *common, "--output", tmp_path / "spin")
     run_cli("train", "--method", "irft", *common, "--rounds", "1", "--epochs", "2", "--output", tmp_path / "irft")
     assert_same_weights(tmp_path / "spin/final", tmp_path / "irft/final")
     assert len(list((tmp_path / "spin/rounds").iterdir())) == 2
 
 
-def test_keep_previous_round_adds_rescored_older_pairs(tiny_model_dir, demo_file, tmp_path):
+def test_keep_previous_round_rescores_older_samples_with_the_rounds_starting_policy(tiny_model_dir, demo_file, tmp_path):
+    """Round r also trains on round r-1's samples, with reference log-probs of pi_r (the
+    policy at round r's start): they equal a fresh forward pass of that checkpoint's weights."""
+    from sftjuice.evaluation import load_checkpoint_policy
+    from sftjuice.models import resolve_model
+
     out = tmp_path / "o"
     run_cli("train", "--method", "irft", "--model", tiny_model_dir, "--data", demo_file, "--output", out, *IRFT,
-            "--rounds", "3", "--keep-previous-round")
+            "--rounds", "3", "--keep-previous-round", "--keep-checkpoints", "10")
     rounds = [m for m in read_metrics(out) if m.get("event") == "round"]
     assert [r["pairs"] for r in rounds] == [8, 16, 16]
+    start_of_round_2 = out / "checkpoints" / f"step-{rounds[1]['step']:07d}"
+    model, chat = load_checkpoint_policy(start_of_round_2, resolve_model(str(tiny_model_dir)), ModelConfig(), ModelConfig())
+    previous = read_jsonl(out / "rounds/2/previous.jsonl")
+    assert [r["samples"] for r in previous] != [r["samples"] for r in read_jsonl(out / "rounds/1/generations.jsonl")]
+    for row in previous:
+        prompt = chat.prompt_ids(row["prompt"])
+        [[demo, *samples]] = token_logprobs_of(model, chat.tokenizer.pad_token_id, [prompt], [[
+            chat.completion_ids(row["prompt"], row["demonstration"])] + [s["token_ids"] for s in row["samples"]]])
+        assert row["demonstration_logprob"] == pytest.approx(sum(demo), abs=1e-4)
+        for s, fresh in zip(row["samples"], samples):
+            torch.testing.assert_close(torch.tensor(s["token_logprobs"]), torch.tensor(fresh), atol=1e-5, rtol=0)
 
 
 def test_killed_irft_run_resumes_without_resampling_and_ends_identical(tiny_model_dir, demo_file, tmp_path):
@@ -229,18 +250,20 @@ def test_two_processes_match_one_process(tiny_model_dir, demo_file, tmp_path):
 
 
 def test_sft_weight_adds_the_demonstrations_per_token_nll(tiny_model_dir, demo_file, tmp_path):
-    from sftjuice.algorithms.irft import Pair, irft_micro_loss
+    from sftjuice.algorithms.irft import pair_micro_loss
+    from sftjuice.algorithms.rounds import Completion, Group
     from sftjuice.training import start_run
 
     losses = {}
     for w in (0.0, 0.5):
-        cfg = TrainConfig(model=str(tiny_model_dir), data=str(demo_file), output=str(tmp_path / str(w)), sft_weight=w)
+        cfg = IRFTConfig(model=str(tiny_model_dir), data=str(demo_file), output=str(tmp_path / str(w)), sft_weight=w)
         run = start_run(cfg)
-        pairs = [Pair(e, [216, 34, 2], -30.0, -20.0) for e in run.examples[:3]]
-        losses[w] = irft_micro_loss(run)(pairs)[0].item()
+        learner = run.learner(run.policy_model, cfg.learning_rate, 1)
+        groups = [Group(e, [Completion([216, 34, 2], [-20.0])], demonstration_logprob=-30.0) for e in run.examples[:3]]
+        losses[w] = pair_micro_loss(learner, cfg)(groups)[0].item()
     with torch.no_grad():
         nll = 0.0
         for e in run.examples[:3]:
-            logp = run.model(torch.tensor([e.prompt_ids + e.completion_ids])).logits[0].log_softmax(-1)
+            logp = run.policy(torch.tensor([e.prompt_ids + e.completion_ids])).logits[0].log_softmax(-1)
             nll -= sum(logp[len(e.prompt_ids) + t - 1, tok].item() for t, tok in enumerate(e.completion_ids)) / len(e.completion_ids)
     assert losses[0.5] - losses[0.0] == pytest.approx(0.5 * nll, rel=1e-4)

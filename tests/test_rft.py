@@ -11,13 +11,14 @@ import pytest
 import torch
 
 from sftjuice.algorithms import rft, sft
-from sftjuice.config import SamplingConfig, SftjuiceError, TrainConfig, parse_args
+from sftjuice.algorithms.rounds import Completion
+from sftjuice.config import ModelConfig, RFTConfig, SamplingConfig, SFTConfig, SftjuiceError, TrainConfig, parse_args
 from sftjuice.data import ChatFormat
 from sftjuice.generation import sample
 from sftjuice.losses import kl_penalty, ppo_clip_loss, reward_pair_loss, rloo_advantages
 from sftjuice.models import load_policy, load_reward_model, load_tokenizer
 from sftjuice.storage import read_jsonl
-from sftjuice.training import token_logprobs_of
+from sftjuice.scoring import rewards_of, sequence_logprobs_of, singletons
 
 from .conftest import REPO, read_metrics, run_cli, sort_rows, write_jsonl
 from .test_sft import assert_same_weights, kill_when
@@ -62,10 +63,10 @@ def test_rloo_advantages_and_kl_against_a_hand_example():
     torch.testing.assert_close(kl_penalty(logps, ref, mask), torch.tensor([0.5 - 1.0 + 0.0, 0.3 - 1.0]))
 
     # the round's computation: 2 prompts x 2 samples, reward minus beta * summed per-token KL
-    rollouts = [rft.Rollout([5, 2], [-1.0, -0.5], [-2.0, -0.5]),  # kl 1.0
-                rft.Rollout([7], [-0.2], [-0.2]),  # kl 0
-                rft.Rollout([5, 6, 2], [-1.0, -1.0, -1.0], [-0.5, -0.5, -0.5]),  # kl -1.5
-                rft.Rollout([2], [-0.3], [-1.3])]  # kl 1.0
+    rollouts = [Completion([5, 2], [-1.0, -0.5], ref_logprobs=[-2.0, -0.5]),  # kl 1.0
+                Completion([7], [-0.2], ref_logprobs=[-0.2]),  # kl 0
+                Completion([5, 6, 2], [-1.0, -1.0, -1.0], ref_logprobs=[-0.5, -0.5, -0.5]),  # kl -1.5
+                Completion([2], [-0.3], ref_logprobs=[-1.3])]  # kl 1.0
     advantages, kl = rft.rollout_advantages(rollouts, [3.0, 1.0, 0.0, 2.0], beta=0.5, n=2)
     torch.testing.assert_close(kl, torch.tensor([1.0, 0.0, -1.5, 1.0]))
     shaped = [3.0 - 0.5, 1.0, 0.0 + 0.75, 2.0 - 0.5]
@@ -98,15 +99,16 @@ def test_rft_options_come_from_the_config_file_and_are_checked(tmp_path):
     cfg = parse_args(TrainConfig, ["--config", str(tmp_path / "c.yaml"), "--policy-steps", "2"], prog="t")
     assert (cfg.method, cfg.policy_steps, cfg.reward_loss, cfg.reward_l2, cfg.num_samples, cfg.temperature,
             cfg.clip_range, cfg.reward_learning_rate) == ("rft", 2, "linear", 0.05, 4, 0.7, 0.1, 1e-4)
-    with pytest.raises(SftjuiceError, match="--num-samples >= 2"):
-        rft.check_options(TrainConfig(method="rft", num_samples=1))
+    with pytest.raises(SftjuiceError, match="--num-samples 1: must be >= 2"):
+        RFTConfig(num_samples=1)
     with pytest.raises(SftjuiceError, match="--reward-l2"):
-        rft.check_options(TrainConfig(method="rft", num_samples=2, reward_loss="linear"))
+        RFTConfig(reward_loss="linear")
+    assert RFTConfig().num_samples == 2  # runs with no flags
 
 
 # -------------------------------------------------------------------- on tiny models
 
-COMMON = ["--seed", "4", "--max-new-tokens", "12", "--per-device-batch-size", "8", "--lr-scheduler", "constant",
+COMMON = ["--seed", "4", "--max-new-tokens", "12", "--per-device-batch-size", "4", "--lr-scheduler", "constant",
           "--rounds", "3", "--epochs", "2"]
 
 
@@ -152,7 +154,8 @@ def test_saved_reward_model_reloads_with_transformers_and_gives_the_same_scores(
     assert sum(margins) / len(margins) == pytest.approx(last["reward_margin"], abs=1e-4)
     assert sum(m > 0 for m in margins) / len(margins) == last["reward_accuracy"]
 
-    ours = rft.reward_scores(load_reward_model(reward_run / "reward_model"), [p for p, _, _ in pairs], [s for _, _, s in pairs])
+    ours = [x[0] for x in rewards_of(load_reward_model(reward_run / "reward_model"), [p for p, _, _ in pairs],
+                                     singletons([s for _, _, s in pairs]))]
     torch.testing.assert_close(torch.tensor(ours), torch.tensor([s for _, s in hf]), atol=1e-5, rtol=0)
 
     data = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": r["prompt"], "completion": r["demonstration"], "id": i}
@@ -174,7 +177,7 @@ def mixed_policy_dir(wrong_task_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("mixed_policy")
     place_value = (REPO / "src/sftjuice/demo_data/numbers__place_value.train.jsonl").read_text().splitlines()[:24]
     data = write_jsonl(root / "mix.jsonl", sort_rows() + place_value)
-    return sft.train(TrainConfig(model=str(wrong_task_model_dir), data=str(data), output=str(root / "run"), epochs=2,
+    return sft.train(SFTConfig(model=str(wrong_task_model_dir), data=str(data), output=str(root / "run"), epochs=2,
                                  per_device_batch_size=8, learning_rate=3e-3, lr_scheduler="constant", seed=4))
 
 
@@ -189,8 +192,8 @@ def measure(policy, ref, reward, tok, prompts, n=16):
     samples = sample(policy, prompts, cfg, chat.stop_token_ids, tok.pad_token_id, seed=123, progress=False)
     ps = [p for p, ss in zip(prompts, samples) for _ in ss]
     cs = [s.token_ids for ss in samples for s in ss]
-    rewards = rft.reward_scores(reward, ps, cs)
-    ref_logps = [sum(t) for t in token_logprobs_of(ref, tok.pad_token_id, ps, cs)]
+    rewards = [x[0] for x in rewards_of(reward, ps, singletons(cs))]
+    ref_logps = [x[0] for x in sequence_logprobs_of(ref, tok.pad_token_id, ps, singletons(cs))]
     kl = [s.logprob - r for s, r in zip((s for ss in samples for s in ss), ref_logps)]
     return sum(rewards) / len(rewards), sum(kl) / len(kl)
 
@@ -203,7 +206,7 @@ def test_policy_steps_raise_the_learned_reward_within_the_kl_beta_allows(reward_
     data = write_jsonl(tmp_path / "demos.jsonl", sort_rows())
     tok = load_tokenizer(mixed_policy_dir)
     prompts = [ChatFormat(tok).prompt_ids([{"role": "user", "content": r["prompt"]}]) for r in sort_rows()]
-    ref = load_policy(TrainConfig(), mixed_policy_dir, trainable=False)
+    ref = load_policy(ModelConfig(), mixed_policy_dir, trainable=False)
     reward = load_reward_model(reward_run / "reward_model")
     r0, kl0 = measure(ref, ref, reward, tok, prompts)
     assert abs(kl0) < 1e-3  # pi_0 = pi_ref
@@ -211,13 +214,13 @@ def test_policy_steps_raise_the_learned_reward_within_the_kl_beta_allows(reward_
     for beta in (0.1, 1.0):
         # 6 rounds of 4 prompts x 8 samples, 2 PPO passes of 2 steps each: small steps, so the
         # KL penalty (zero in round 0, where pi_t = pi_ref) acts before the policy has moved far
-        cfg = TrainConfig(method="rft", model=str(mixed_policy_dir), data=str(data), output=str(tmp_path / f"b{beta}"),
-                          reward_model=str(reward_run / "reward_model"), reward_learning_rate=0.0, num_samples=8,
-                          policy_steps=2, learning_rate=1e-3, beta=beta, seed=4, max_new_tokens=MAX_NEW_TOKENS,
-                          per_device_batch_size=16, lr_scheduler="constant", rounds=6, epochs=1)
+        cfg = RFTConfig(model=str(mixed_policy_dir), data=str(data), output=str(tmp_path / f"b{beta}"),
+                        reward_model=str(reward_run / "reward_model"), reward_learning_rate=0.0, num_samples=8,
+                        policy_steps=2, learning_rate=1e-3, beta=beta, seed=4, max_new_tokens=MAX_NEW_TOKENS,
+                        per_device_batch_size=2, lr_scheduler="constant", rounds=6, epochs=1)
         final = rft.train(cfg)
         assert_same_weights(reward_run / "reward_model", final.parent / "reward_model")  # the reward stayed fixed
-        results[beta] = measure(load_policy(TrainConfig(), final, trainable=False), ref, reward, tok, prompts)
+        results[beta] = measure(load_policy(ModelConfig(), final, trainable=False), ref, reward, tok, prompts)
     results["ref"] = (r0, kl0)
     r, kl = results[0.1]
     assert r > r0 + 1.0, results  # a third of the reward's range (-1.65 to 1.3); 5x the seed-to-seed spread
@@ -233,7 +236,7 @@ def test_killed_rft_run_resumes_without_resampling_and_ends_identical(tiny_model
     data = write_jsonl(tmp_path / "demos.jsonl", sort_rows())
     # per round: 8 prompts x 2 samples = 16 pairs = 4 reward steps, then 2 passes = 8 policy steps
     args = ["train", "--method", "rft", "--model", tiny_model_dir, "--data", data, "--rounds", "3", "--seed", "4",
-            "--num-samples", "2", "--max-new-tokens", "10", "--per-device-batch-size", "4", "--policy-steps", "2",
+            "--num-samples", "2", "--max-new-tokens", "10", "--per-device-batch-size", "2", "--policy-steps", "2",
             "--learning-rate", "1e-3", "--reward-learning-rate", "1e-3", "--save-every", "5"]
     run_cli(*args, "--output", tmp_path / "straight")
     out = tmp_path / "killed"
@@ -256,7 +259,6 @@ def test_killed_rft_run_resumes_without_resampling_and_ends_identical(tiny_model
 def test_reward_is_read_at_the_end_of_turn_token(tiny_model_dir, tokenizer):
     """SmolLM2 pads with its end-of-turn token; the reward model pads with another one, so a
     finished answer is scored at <|im_end|> and differs from the same answer cut short."""
-    from sftjuice.algorithms.rft import reward_scores
     from sftjuice.models import load_reward_model, reward_pad_id
 
     eos = tokenizer.eos_token_id
@@ -264,7 +266,7 @@ def test_reward_is_read_at_the_end_of_turn_token(tiny_model_dir, tokenizer):
     assert pad != eos and tokenizer.pad_token_id == eos
     model = load_reward_model(tiny_model_dir, pad_token_id=pad)
     prompt, answer = [1, 4093, 198, 1780], [216, 34, 28]
-    finished, cut, longer = reward_scores(model, [prompt] * 3, [answer + [eos], answer, answer + [eos, 216]])
+    [[finished, cut, longer]] = rewards_of(model, [prompt], [[answer + [eos], answer, answer + [eos, 216]]])
     assert finished != pytest.approx(cut, abs=1e-6)
-    alone = reward_scores(model, [prompt], [answer + [eos]])[0]
+    [[alone]] = rewards_of(model, [prompt], [[answer + [eos]]])
     assert finished == pytest.approx(alone, abs=1e-5)  # padding to the longer row changes nothing

@@ -14,19 +14,19 @@ import torch
 from safetensors.torch import load_file
 
 from sftjuice.algorithms import sft
-from sftjuice.config import TrainConfig, parse_args
+from sftjuice.config import SFTConfig, TrainConfig, parse_args
 from sftjuice.training import start_run
 
 from .conftest import REPO, read_metrics, run_cli
 
 
 def test_sft_loss_is_mean_nll_of_completion_tokens(tiny_model_dir, demo_file, tmp_path):
-    cfg = TrainConfig(model=str(tiny_model_dir), data=str(demo_file), output=str(tmp_path / "o"),
-                      per_device_batch_size=2, learning_rate=0.0)
+    cfg = SFTConfig(model=str(tiny_model_dir), data=str(demo_file), output=str(tmp_path / "o"),
+                    per_device_batch_size=2, learning_rate=1e-9)
     run = start_run(cfg)
-    run.setup_optimizer(1)
+    learner = run.learner(run.policy_model, cfg.learning_rate, 1)
     items = run.examples[:5]  # 3 micro-batches of 2, 2, 1 with different lengths
-    stats = run.optimizer_step(items, sft.sft_micro_loss(run), sft.completion_tokens)
+    stats = learner.step(items, sft.sft_micro_loss(learner), sft.completion_tokens)
 
     model = run.policy
     nll, count = 0.0, 0
@@ -42,20 +42,20 @@ def test_sft_loss_is_mean_nll_of_completion_tokens(tiny_model_dir, demo_file, tm
 
 def test_sft_gradient_matches_a_single_full_batch(tiny_model_dir, demo_file, tmp_path):
     """Micro-batching (length-sorted, padded, accumulated) must not change the gradient."""
-    cfg = TrainConfig(model=str(tiny_model_dir), data=str(demo_file), output=str(tmp_path / "o"),
-                      per_device_batch_size=2, max_grad_norm=0.0)
+    cfg = SFTConfig(model=str(tiny_model_dir), data=str(demo_file), output=str(tmp_path / "o"),
+                    per_device_batch_size=2, max_grad_norm=0.0)
     run = start_run(cfg)
-    run.setup_optimizer(1)
+    learner = run.learner(run.policy_model, cfg.learning_rate, 1)
     items = run.examples[:6]
-    loss_fn = sft.sft_micro_loss(run)
-    run.optimizer.step = lambda: None  # keep the gradient, skip the update
-    run.optimizer.zero_grad = lambda set_to_none=True: None
-    run.optimizer_step(items, loss_fn, sft.completion_tokens, length=len)  # sorted into micro-batches
-    accumulated = {n: p.grad.clone() for n, p in run.model.named_parameters()}
-    run.model.zero_grad()
+    loss_fn = sft.sft_micro_loss(learner)
+    learner.optimizer.step = lambda: None  # keep the gradient, skip the update
+    learner.optimizer.zero_grad = lambda set_to_none=True: None
+    learner.step(items, loss_fn, sft.completion_tokens, length=len)  # sorted into micro-batches
+    accumulated = {n: p.grad.clone() for n, p in learner.model.named_parameters()}
+    learner.model.zero_grad()
     loss, _ = loss_fn(items)
     (loss / sft.completion_tokens(items)).backward()
-    for n, p in run.model.named_parameters():
+    for n, p in learner.model.named_parameters():
         torch.testing.assert_close(accumulated[n], p.grad, rtol=1e-4, atol=1e-7)
 
 
@@ -66,7 +66,7 @@ def test_config_file_sets_options_and_flags_win(tmp_path):
     (tmp_path / "bad.yaml").write_text("learning_rat: 1\n")
     from sftjuice.config import SftjuiceError
 
-    with pytest.raises(SftjuiceError, match="bad.yaml: unknown option 'learning_rat'"):
+    with pytest.raises(SftjuiceError, match="bad.yaml: unknown option --learning-rat"):
         parse_args(TrainConfig, ["--config", str(tmp_path / "bad.yaml")], prog="t")
 
 

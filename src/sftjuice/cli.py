@@ -31,11 +31,9 @@ def _quiet_libraries() -> None:
 
 
 def cmd_train(argv: list[str]) -> None:
-    from .algorithms import METHODS
+    from .api import train
 
-    cfg = parse_args(TrainConfig, argv, prog="sftjuice train")
-    final = METHODS[cfg.method](cfg)
-    print(f"trained model: {final}")
+    print(f"trained model: {train(parse_args(TrainConfig, argv, prog='sftjuice train'))}")
 
 
 def cmd_generate(argv: list[str]) -> None:
@@ -52,8 +50,8 @@ def cmd_demo(argv: list[str]) -> None:
 
 
 def cmd_reward(argv: list[str]) -> None:
-    from .algorithms.rft import score_file
     from .config import RewardScoreConfig
+    from .evaluation import score_file
 
     if not argv or argv[0] != "score":
         raise SftjuiceError("usage: sftjuice reward score --reward-model DIR --data FILE --output FILE.jsonl")
@@ -85,14 +83,40 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     _quiet_libraries()
+    from safetensors import SafetensorError
+
+    from .storage import os_error_message, write_error_message
+
     try:
-        COMMANDS[command](rest)
-    except SftjuiceError as e:
-        print(f"sftjuice {command}: error: {e}", file=sys.stderr)
+        try:
+            COMMANDS[command](rest)
+        except BaseException:
+            from tqdm import tqdm
+
+            for bar in list(tqdm._instances):  # end a failed run's progress bar before the error line
+                try:
+                    bar.close()
+                except Exception:  # noqa: BLE001 - the error itself matters, not its progress bar
+                    pass
+            raise
+    except SftjuiceError as e:  # bad input or option: one line (messages with newlines are joined)
+        print(f"sftjuice {command}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"sftjuice {command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # permission denied, read-only or full file system, ...: one line naming the path
+        print(f"sftjuice {command}: error: {os_error_message(e)}", file=sys.stderr)
+        return 1
+    except (RuntimeError, SafetensorError) as e:
+        # torch.save and safetensors report a failed write (a full disk) as RuntimeError /
+        # SafetensorError without the path; storage.write_error_message recognises those
+        # (and only those: anything else is a bug and keeps its traceback)
+        message = write_error_message(e)
+        if message is None:
+            raise
+        print(f"sftjuice {command}: error: {message}", file=sys.stderr)
+        return 1
     return 0
 
 

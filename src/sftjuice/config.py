@@ -1,12 +1,22 @@
-"""Typed run configuration: one dataclass per command, shared knobs in shared bases.
+"""Typed configuration: a common base per command and one dataclass per training method,
+the way TRL has ``DPOConfig`` and ``GRPOConfig``.
 
-Every field is a command-line flag (``--max-new-tokens`` or ``--max_new_tokens``) and
-a key of the YAML file given with ``--config``; flags win over the file.
+Every field is a command-line flag (``--max-new-tokens`` or ``--max_new_tokens``) and a key
+of the YAML file given with ``--config``; flags win over the file. A field's metadata holds
+its allowed range, checked when the config is made (from flags, YAML or Python), so a bad
+value stops the run at once with one line naming the option and its range. A flag that the
+chosen method does not take is an error naming the methods that do.
+
+Batch sizes count prompts in every method: ``--per-device-batch-size 8`` puts 8
+demonstrations in a micro-batch, each with everything the method generates for it (SFT:
+the demonstration alone; IRFT/SPIN: its sample(s); RFT: its ``--num-samples`` samples).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -20,78 +30,196 @@ class SftjuiceError(Exception):
     """A problem the user can fix (bad input, bad option). Reported in one line, no traceback."""
 
 
-def _f(default, help: str, **kw):
+def _f(default, help: str, *, gt=None, ge=None, le=None, lt=None):
+    """A field with its help text and allowed range (``gt``/``ge``/``le``/``lt``)."""
+    meta = {"help": help, **{k: v for k, v in dict(gt=gt, ge=ge, le=le, lt=lt).items() if v is not None}}
     if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
-    return field(default=default, metadata={"help": help, **kw})
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _range_text(meta: dict) -> str:
+    lo = f"> {meta['gt']}" if "gt" in meta else f">= {meta['ge']}" if "ge" in meta else None
+    hi = f"< {meta['lt']}" if "lt" in meta else f"<= {meta['le']}" if "le" in meta else None
+    return " and ".join(x for x in (lo, hi) if x)
+
+
+class Checked:
+    """Checks every field against its declared range and type after construction."""
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value, meta = getattr(self, f.name), f.metadata
+            if isinstance(value, float) and not math.isfinite(value):
+                raise SftjuiceError(f"{flag(f.name)} {value}: must be a finite number")
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                ok = all((
+                    "gt" not in meta or value > meta["gt"], "ge" not in meta or value >= meta["ge"],
+                    "lt" not in meta or value < meta["lt"], "le" not in meta or value <= meta["le"]))
+                if not ok:
+                    raise SftjuiceError(f"{flag(f.name)} {value}: must be {_range_text(meta)}")
+        self.check()
+
+    def check(self) -> None:
+        """Checks between fields; subclasses extend it."""
+
+
+# ----------------------------------------------------------------- shared option groups
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Checked):
     model: str = _f(DEFAULT_MODEL, "HF model directory, hub id in the local cache, or 'smollm2-135m-instruct'")
     lora: bool = _f(False, "train a LoRA adapter instead of all weights")
-    lora_r: int = _f(16, "LoRA rank")
-    lora_alpha: int = _f(32, "LoRA alpha (scale = alpha / r)")
-    lora_dropout: float = _f(0.05, "LoRA dropout")
+    lora_r: int = _f(16, "LoRA rank", ge=1)
+    lora_alpha: int = _f(32, "LoRA alpha (scale = alpha / r)", gt=0)
+    lora_dropout: float = _f(0.05, "LoRA dropout", ge=0, lt=1)
     lora_target_modules: list[str] = _f(["all-linear"], "module names LoRA adapts ('all-linear' = every linear layer but the head)")
     bf16: bool = _f(False, "bf16 autocast for forward/backward (fp32 master weights); generation in bf16 too")
-    seed: int = _f(0, "random seed (data order, sampling, initialisation)")
+    seed: int = _f(0, "random seed (data order, sampling, initialisation)", ge=0)
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Checked):
     data: str | None = _f(None, "demonstrations: JSONL / JSON file or a `datasets` directory")
     skip_invalid: bool = _f(False, "skip invalid rows (counted and reported) instead of stopping")
-    max_prompt_length: int = _f(512, "rows whose rendered prompt is longer are invalid")
-    max_length: int = _f(1024, "prompt + completion tokens; longer completions are truncated (and counted)")
+    max_prompt_length: int = _f(512, "rows whose rendered prompt is longer are invalid", ge=1)
+    max_length: int = _f(1024, "prompt + completion tokens; longer completions are truncated (and counted)", ge=2)
 
 
 @dataclass
-class SamplingConfig:
-    num_samples: int = _f(1, "responses sampled per prompt")
-    temperature: float = _f(1.0, "sampling temperature; 0 = greedy")
-    top_p: float = _f(1.0, "nucleus sampling threshold (1 = off)")
-    max_new_tokens: int = _f(128, "longest sampled response, in tokens")
-    generation_batch_size: int = _f(32, "prompts decoded together")
-    generation_backend: Literal["auto", "torch", "vllm"] = _f(
-        "auto", "sampling engine: auto = vLLM when it is installed and a GPU is present, else the in-process sampler")
-    vllm_gpu_memory_utilization: float = _f(0.3, "vLLM: share of GPU memory for its engine (it shares the GPU with training)")
+class SamplingConfig(Checked):
+    num_samples: int = _f(1, "responses sampled per prompt", ge=1)
+    temperature: float = _f(1.0, "sampling temperature; 0 = greedy", ge=0)
+    top_p: float = _f(1.0, "nucleus sampling threshold (1 = off)", gt=0, le=1)
+    max_new_tokens: int = _f(128, "longest sampled response, in tokens", ge=1)
+    generation_batch_size: int = _f(32, "sequences decoded together", ge=1)
+    generation_backend: Literal["torch", "vllm"] = _f(
+        "torch", "sampling engine: the in-process KV-cache sampler, or vLLM (needs the vllm package and a CUDA GPU)")
+    vllm_gpu_memory_utilization: float = _f(0.3, "vLLM: share of GPU memory for its engine (it shares the GPU with training)", gt=0, le=1)
+
+
+# ----------------------------------------------------------------------- training
 
 
 @dataclass
-class TrainConfig(ModelConfig, DataConfig, SamplingConfig):
-    method: Literal["sft", "irft", "spin", "rft"] = _f("sft", "training method")
+class TrainConfig(ModelConfig, DataConfig):
+    """What every training method takes."""
+    method: str = _f("sft", "training method: " + ", ".join(("sft", "irft", "spin", "rft")))
     output: str | None = _f(None, "output directory (checkpoints, metrics.jsonl, final/)")
-    epochs: float = _f(1.0, "passes over the demonstrations")
-    learning_rate: float = _f(2e-5, "peak learning rate (AdamW)")
+    learning_rate: float = _f(5e-5, "peak learning rate (AdamW)", gt=0)
     lr_scheduler: Literal["constant", "linear", "cosine"] = _f("linear", "learning-rate schedule after warmup")
-    warmup_ratio: float = _f(0.0, "share of steps with linear warmup")
-    weight_decay: float = _f(0.0, "AdamW weight decay")
-    max_grad_norm: float = _f(1.0, "gradient clipping norm (0 = off)")
-    per_device_batch_size: int = _f(8, "sequences per process per micro-batch (rft: whole prompts, each with its --num-samples samples)")
-    gradient_accumulation_steps: int = _f(1, "micro-batches per optimiser step")
-    save_every: int = _f(0, "checkpoint every N optimiser steps (0 = at the end of each epoch/round only)")
-    keep_checkpoints: int = _f(1, "how many checkpoints to keep")
-    resume: bool = _f(False, "continue from the last checkpoint in --output")
+    warmup_ratio: float = _f(0.0, "share of steps with linear warmup", ge=0, le=1)
+    weight_decay: float = _f(0.0, "AdamW weight decay", ge=0)
+    max_grad_norm: float = _f(1.0, "gradient clipping norm (0 = off)", ge=0)
+    per_device_batch_size: int = _f(8, "prompts per process per micro-batch, each with what the method generates for it", ge=1)
+    gradient_accumulation_steps: int = _f(1, "micro-batches per optimiser step", ge=1)
+    save_every: int = _f(0, "checkpoint every N optimiser steps (0 = at the end of each epoch/round only)", ge=0)
+    keep_checkpoints: int = _f(1, "how many checkpoints to keep", ge=1)
+    resume: bool = _f(False, "continue the run in --output from its last checkpoint")
+    overwrite: bool = _f(False, "delete what --output holds and start afresh")
     merge_lora: bool = _f(False, "with --lora: also write the merged model to OUTPUT/merged/")
-    log_every: int = _f(1, "append metrics every N optimiser steps")
-    # IRFT / SPIN (Algorithm 2)
-    rounds: int = _f(4, "T: generation rounds per epoch; each round samples for its section of the data")
-    passes: int = _f(1, "K: passes over a round's (demonstration, sample) pairs")
-    beta: float = _f(0.1, "KL weight; implicit reward = beta * log(pi / pi_t)")
+    log_every: int = _f(1, "append metrics every N optimiser steps", ge=1)
+
+    def check(self) -> None:
+        if self.resume and self.overwrite:
+            raise SftjuiceError("--resume and --overwrite exclude each other")
+        if self.merge_lora and not self.lora:
+            raise SftjuiceError("--merge-lora needs --lora")
+        expected = {c: m for m, c in METHOD_CONFIGS.items()}.get(type(self))
+        if expected and self.method != expected:
+            raise SftjuiceError(f"--method {self.method}: {type(self).__name__} is --method {expected}")
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    """SFT: minimise -log pi(y^E|x) over the demonstrations."""
+    method: str = _f("sft", "training method")
+    epochs: float = _f(1.0, "passes over the demonstrations", gt=0)
+
+
+@dataclass
+class OnlineConfig(TrainConfig, SamplingConfig):
+    """Methods that sample rounds from the policy being trained."""
+
+
+@dataclass
+class PairConfig(OnlineConfig):
+    """The implicit-reward pair loss of IRFT and SPIN."""
+    passes: int = _f(1, "K: passes over a round's (demonstration, sample) pairs", ge=1)
+    beta: float = _f(0.1, "KL weight; implicit reward = beta * log(pi / pi_t)", gt=0)
     loss: Literal["logistic", "linear", "hinge"] = _f("logistic", "l(u): logistic (SPIN), linear (exact IRL gradient), hinge")
-    iterations: int = _f(1, "SPIN: generation rounds over the whole data (= --method irft --rounds 1 --epochs N)")
-    keep_previous_round: bool = _f(False, "also train on the previous round's samples (SPIN's practice)")
-    sft_weight: float = _f(0.0, "IRFT/SPIN: add this weight times the demonstration's per-token NLL to each pair's loss")
+    keep_previous_round: bool = _f(False, "also train on the previous round's samples, re-scored by the current pi_t (SPIN's practice)")
+    sft_weight: float = _f(0.0, "add this weight times the demonstration's per-token NLL to each pair's loss", ge=0)
     eval_data: str | None = _f(None, "held-out demonstrations: each round reports the implicit-reward margin on them")
-    eval_size: int = _f(64, "at most this many --eval-data rows")
-    # RFT (Algorithm 1); also uses --rounds, --beta (KL weight to pi_ref) and the sampling flags (--num-samples >= 2)
-    policy_steps: int = _f(1, "K: PPO-clip passes over a round's samples against the current reward (each in global batches)")
+    eval_size: int = _f(64, "at most this many --eval-data rows", ge=1)
+    learning_rate: float = _f(1e-5 / 3, "peak learning rate (AdamW)", gt=0)
+    lr_scheduler: Literal["constant", "linear", "cosine"] = _f("constant", "learning-rate schedule after warmup")
+
+
+@dataclass
+class IRFTConfig(PairConfig):
+    """IRFT (Algorithm 2): T generation rounds per epoch, K passes of the pair loss each."""
+    method: str = _f("irft", "training method")
+    epochs: float = _f(1.0, "passes over the demonstrations", gt=0)
+    rounds: int = _f(4, "T: generation rounds per epoch; each round samples for its section of the data", ge=1)
+
+
+@dataclass
+class SPINConfig(PairConfig):
+    """SPIN (Chen et al. 2024): IRFT with one generation round over the whole data per iteration."""
+    method: str = _f("spin", "training method")
+    iterations: int = _f(1, "generation rounds over the whole data", ge=1)
+
+    @property
+    def rounds(self) -> int:
+        return 1
+
+    @property
+    def epochs(self) -> float:
+        return float(self.iterations)
+
+
+@dataclass
+class RFTConfig(OnlineConfig):
+    """RFT (Algorithm 1): an explicit reward model, then KL-regularised RL against it."""
+    method: str = _f("rft", "training method")
+    epochs: float = _f(1.0, "passes over the demonstrations", gt=0)
+    rounds: int = _f(4, "T: generation rounds per epoch; each round samples for its section of the data", ge=1)
+    num_samples: int = _f(2, "responses sampled per prompt (>= 2: RLOO baselines each by the others)", ge=2)
+    per_device_batch_size: int = _f(4, "prompts per process per micro-batch, each with its --num-samples samples", ge=1)
+    policy_steps: int = _f(1, "K: PPO-clip passes over a round's samples against the current reward", ge=0)
+    beta: float = _f(0.1, "weight of the per-token KL to pi_ref in the policy's reward", ge=0)
     reward_loss: Literal["logistic", "linear"] = _f("logistic", "reward-step l(u): logistic (Bradley-Terry) or linear (exact IRL gradient; needs --reward-l2)")
-    reward_l2: float = _f(0.0, "L2 penalty on the reward values of each pair, bounds the linear loss")
+    reward_l2: float = _f(0.0, "L2 penalty on the reward values of each pair, bounds the linear loss", ge=0)
     reward_model: str | None = _f(None, "reward model's starting point (HF directory); default: the policy's starting model")
-    reward_learning_rate: float = _f(2e-5, "reward model's peak learning rate (AdamW, same schedule as the policy's)")
-    clip_range: float = _f(0.2, "PPO-clip epsilon on the ratio pi_theta / pi_t of a whole sample")
+    reward_learning_rate: float = _f(2e-5, "reward model's peak learning rate (AdamW, same schedule as the policy's; 0 keeps the reward fixed)", ge=0)
+    clip_range: float = _f(0.2, "PPO-clip epsilon on the ratio pi_theta / pi_t of a whole sample", gt=0, lt=1)
+    learning_rate: float = _f(1e-5 / 3, "peak learning rate (AdamW)", gt=0)
+    lr_scheduler: Literal["constant", "linear", "cosine"] = _f("constant", "learning-rate schedule after warmup")
+
+    def check(self) -> None:
+        super().check()
+        if self.reward_loss == "linear" and self.reward_l2 <= 0:
+            raise SftjuiceError("--reward-loss linear is unbounded below: bound the rewards with --reward-l2 > 0")
+
+
+METHOD_CONFIGS: dict[str, type[TrainConfig]] = {
+    "sft": SFTConfig, "irft": IRFTConfig, "spin": SPINConfig, "rft": RFTConfig,
+}
+
+
+def method_config(method: str) -> type[TrainConfig]:
+    if method not in METHOD_CONFIGS:
+        raise SftjuiceError(f"--method {method}: must be one of {', '.join(METHOD_CONFIGS)}")
+    return METHOD_CONFIGS[method]
+
+
+# ------------------------------------------------------------------- other commands
 
 
 @dataclass
@@ -103,52 +231,7 @@ class GenerateConfig(ModelConfig, DataConfig, SamplingConfig):
 class RewardScoreConfig(DataConfig):
     reward_model: str | None = _f(None, "reward model directory (e.g. OUTPUT/reward_model of an RFT run)")
     output: str | None = _f(None, "JSONL file: the input rows, each with its 'reward'")
-    batch_size: int = _f(16, "sequences scored together")
-
-
-def _to_field_names(cls, raw: dict, source: str) -> dict:
-    names = {f.name for f in dataclasses.fields(cls)}
-    out = {}
-    for key, value in raw.items():
-        name = str(key).replace("-", "_")
-        if name not in names:
-            raise SftjuiceError(f"{source}: unknown option '{key}' (see --help)")
-        out[name] = value
-    return out
-
-
-def parse_args(cls, argv: list[str], prog: str):
-    """Parse ``argv`` into ``cls``; a ``--config FILE`` YAML supplies defaults that flags override."""
-    from transformers import HfArgumentParser
-
-    parser = HfArgumentParser(cls, prog=prog)
-    parser.add_argument("--config", type=str, default=None, help="YAML file with any of these options")
-    pre, _ = parser.parse_known_args(argv)
-    if pre.config:
-        path = Path(pre.config)
-        if not path.is_file():
-            raise SftjuiceError(f"{path}: config file not found")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise SftjuiceError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise SftjuiceError(f"{path}: expected a mapping of option: value")
-        parser.set_defaults(**_to_field_names(cls, raw, str(path)))
-    args = parser.parse_args(argv)
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
-    return cls(**values)
-
-
-def require(cfg, *names: str) -> None:
-    missing = [n for n in names if getattr(cfg, n) in (None, "")]
-    if missing:
-        flags = ", ".join("--" + n.replace("_", "-") for n in missing)
-        raise SftjuiceError(f"missing required option(s): {flags}")
-
-
-def save_config(cfg, path: Path) -> None:
-    path.write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    batch_size: int = _f(16, "sequences scored together", ge=1)
 
 
 @dataclass
@@ -161,6 +244,143 @@ class EvalConfig(ModelConfig, SamplingConfig):
     pairs: str | None = _f(None, "--judge gap: JSONL of {prompt, chosen, rejected}; --model may be a training output folder")
     responses: str | None = _f(None, "--model's responses as prompt/completion rows (e.g. sftjuice generate output), not generated")
     baseline_responses: str | None = _f(None, "--baseline's responses, as --responses")
-    temperature: float = _f(0.0, "sampling temperature; 0 = greedy (the default for evaluation)")
+    temperature: float = _f(0.0, "sampling temperature; 0 = greedy (the default for evaluation)", ge=0)
     skip_invalid: bool = _f(False, "skip invalid rows (counted and reported) instead of stopping")
-    batch_size: int = _f(16, "sequences scored together (log-likelihood, reward model, gap)")
+    batch_size: int = _f(16, "sequences scored together (log-likelihood, reward model, gap)", ge=1)
+
+
+# ------------------------------------------------------------------------ parsing
+
+
+def _field_names(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def _check_names(cls, names: list[str], source: str) -> None:
+    """Every name must be a field of ``cls``; for training, one of another method's is named as such."""
+    known = _field_names(cls)
+    for name in names:
+        key = name.replace("-", "_")
+        if key in known:
+            continue
+        takers = [m for m, c in METHOD_CONFIGS.items() if key in _field_names(c)]
+        if issubclass(cls, TrainConfig) and takers:
+            raise SftjuiceError(f"{source}{flag(key)} is not used by --method {cls().method}; "
+                                f"methods that take it: {', '.join(takers)}")
+        raise SftjuiceError(f"{source}unknown option {flag(key)} (see --help)")
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise SftjuiceError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise SftjuiceError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise SftjuiceError(f"{path}: expected a mapping of option: value")
+    return {str(k).replace("-", "_"): v for k, v in raw.items()}
+
+
+def _flags_in(argv: list[str]) -> list[str]:
+    return [a[2:].split("=", 1)[0] for a in argv if a.startswith("--") and len(a) > 2]
+
+
+def _types(cls) -> dict[str, tuple[type, tuple]]:
+    """Each field's (base type, Literal choices or ()), with ``X | None`` read as ``X``."""
+    out = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if typing.get_origin(hint) is Literal:
+            out[name] = (type(args[0]), tuple(args))
+        elif typing.get_origin(hint) is list:
+            out[name] = (list, (args[0],))
+        elif args and typing.get_origin(hint) is not None:  # X | None
+            out[name] = (args[0], ())
+        else:
+            out[name] = (hint, ())
+    return out
+
+
+def _coerce(name: str, value, kind: tuple[type, tuple], source: str):
+    """A flag's or YAML value as its field's type; a bad one is a one-line error."""
+    base, choices = kind
+    try:
+        if value is None:
+            return None
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "yes", "1"):
+                return True
+            if str(value).lower() in ("false", "no", "0"):
+                return False
+            raise ValueError
+        if base is list:
+            items = value if isinstance(value, list) else [value]
+            return [choices[0](v) for v in items]
+        if base is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        value = base(value)
+    except (TypeError, ValueError):
+        raise SftjuiceError(f"{source}{flag(name)} {value!r}: expected {'true or false' if base is bool else base.__name__}") from None
+    if choices and value not in choices:
+        raise SftjuiceError(f"{source}{flag(name)} {value!r}: must be one of {', '.join(map(str, choices))}")
+    return value
+
+
+def _parser(cls, prog: str):
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=prog, description=(cls.__doc__ or "").strip().splitlines()[0],
+                                     argument_default=argparse.SUPPRESS)
+    parser.add_argument("--config", help="YAML file with any of these options; flags win")
+    for f in dataclasses.fields(cls):
+        names = [flag(f.name)] + ([f"--{f.name}"] if "_" in f.name else [])
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        kind = _types(cls)[f.name][0]
+        extra = {"nargs": "?", "const": "true"} if kind is bool else {"nargs": "+"} if kind is list else {}
+        parser.add_argument(*names, dest=f.name, metavar=f.name.upper() if kind is not bool else None,
+                            help=f"{f.metadata.get('help', '')} (default: {default})", **extra)
+    return parser
+
+
+def parse_args(cls, argv: list[str], prog: str):
+    """Parse ``argv`` into ``cls``; a ``--config FILE`` YAML supplies values that flags override.
+    For ``train``, ``cls`` is chosen by ``--method`` (from the flags, else the YAML)."""
+    import argparse
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    pre.add_argument("--method")
+    known, _ = pre.parse_known_args(argv)
+    raw = _read_yaml(Path(known.config)) if known.config else {}
+    if cls is TrainConfig:
+        cls = method_config(known.method or raw.get("method") or "sft")
+    parser = _parser(cls, prog)
+    if "-h" in argv or "--help" in argv:
+        parser.parse_args(["--help"])
+    _check_names(cls, [f for f in _flags_in(argv) if f != "config"], "")
+    _check_names(cls, list(raw), f"{known.config}: ")
+    flags = vars(parser.parse_args(argv))
+    flags.pop("config", None)
+    kinds = _types(cls)
+    values = {k: _coerce(k, v, kinds[k], f"{known.config}: ") for k, v in raw.items()}
+    values.update({k: _coerce(k, v, kinds[k], "") for k, v in flags.items()})
+    return cls(**values)
+
+
+def require(cfg, *names: str) -> None:
+    missing = [n for n in names if getattr(cfg, n) in (None, "")]
+    if missing:
+        raise SftjuiceError(f"missing required option(s): {', '.join(flag(n) for n in missing)}")
+
+
+def config_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg, path: Path) -> None:
+    from .storage import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(config_dict(cfg), sort_keys=False))

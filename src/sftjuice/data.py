@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,53 +53,206 @@ class InvalidRow:
 
 # ---------------------------------------------------------------------------- loading
 
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def _short(value, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _kind(value) -> str:
+    return {dict: "an object", list: "a list", str: "a string", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple]) -> dict:
+    """json object hook: a key given twice would silently lose its first value."""
+    row = dict(pairs)
+    if len(row) != len(pairs):
+        seen = set()
+        key = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise _DuplicateKey(key, "given twice in one object")
+    return row
+
+
+def _parse_json(line: str, where: str):
+    """One JSONL line -> (value, problem): a duplicate key is a problem of the row
+    (``(field, reason)``); anything else that is not readable JSON is a DataError at ``where``."""
+    try:
+        return json.loads(line, object_pairs_hook=_no_duplicates), None
+    except _DuplicateKey as e:
+        return None, e.args
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: invalid JSON: {e.msg} (column {e.colno})") from None
+    except RecursionError:
+        raise DataError(f"{where}: JSON nested too deeply") from None
+    except ValueError as e:  # e.g. an integer of more than 4300 digits
+        raise DataError(f"{where}: unreadable JSON: {str(e).split(';')[0]}") from None
+
+
+def _bad_unicode(value, name: str):
+    """(field, reason) for the first string holding a lone surrogate (JSON's ``\ud800``
+    escape): it cannot be tokenised or written as UTF-8."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return name or "<row>", f"not valid Unicode (lone surrogate \\u{ord(value[e.start]):04x} at character {e.start + 1})"
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            bad = _bad_unicode(k, name) or _bad_unicode(v, f"{name}.{k}" if name else str(k))
+            if bad:
+                return bad
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            bad = _bad_unicode(v, f"{name}[{i}]")
+            if bad:
+                return bad
+    return None
+
 
 def _read_rows(path: Path):
-    """Yield (location, row) for a JSONL / JSON file or a `datasets` directory."""
-    if not path.exists():
-        raise DataError(f"{path}: file not found")
-    if path.is_dir():
-        import datasets
-
-        try:
-            ds = datasets.load_from_disk(str(path))
-        except Exception as e:  # noqa: BLE001 - any failure means "not a saved dataset"
-            raise DataError(f"{path}: not a directory saved with datasets.save_to_disk ({e})") from None
-        if isinstance(ds, datasets.DatasetDict):
-            if "train" not in ds:
-                raise DataError(f"{path}: dataset has splits {list(ds)}, expected a 'train' split")
-            ds = ds["train"]
-        for i, row in enumerate(ds):
-            yield f"{path}:row {i}", row
+    """Yield (location, row, problem) for a JSONL / JSON file or a `datasets` directory;
+    ``problem`` is None or the (field, reason) of a row that is unusable as it stands.
+    Every problem with the file itself is a DataError of one line naming the file (and
+    the line)."""
+    try:
+        is_dir = path.is_dir()
+        path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        raise DataError(f"{path}: file not found") from None
+    except OSError as e:  # e.g. no permission to look into a parent directory
+        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
+    if is_dir:
+        for source, row in _dataset_rows(path):
+            yield source, row, None
         return
-    text = path.read_text(encoding="utf-8")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
+    text = _decode(data, path)
+    if not text.strip():
+        raise DataError(f"{path}: no valid rows ({'empty file' if not data else 'the file holds only whitespace'})")
     if path.suffix == ".json" or (path.suffix != ".jsonl" and text.lstrip().startswith("[")):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
-        if not isinstance(rows, list):
-            raise DataError(f"{path}: expected a JSON list of rows")
-        for i, row in enumerate(rows):
-            yield f"{path}:item {i}", row
+        yield from _json_items(text, path)
         return
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{lineno}: invalid JSON: {e.msg}") from None
-        yield f"{path}:{lineno}", row
+        row, problem = _parse_json(line, f"{path}:{lineno}")
+        if problem is None and "\\u" in line:
+            problem = _check_unicode(row)
+        yield f"{path}:{lineno}", row, problem
+
+
+def _check_unicode(row):
+    try:
+        return _bad_unicode(row, "")
+    except RecursionError:
+        return "<row>", "nested too deeply"
+
+
+def _decode(data: bytes, path: Path) -> str:
+    """UTF-8 (a byte-order mark at the start is accepted); the first bad byte is reported
+    with its line and column."""
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line_start = data.rfind(b"\n", 0, e.start) + 1
+        lineno = data.count(b"\n", 0, e.start) + 1
+        column = len(data[line_start: e.start].decode("utf-8")) + 1
+        raise DataError(f"{path}:{lineno}: not valid UTF-8 (byte 0x{data[e.start]:02x} at column {column})") from None
+
+
+def _json_items(text: str, path: Path):
+    """The rows of a JSON list, each located by the line it starts on and its index."""
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply") from None
+    except ValueError as e:  # e.g. an integer of more than 4300 digits
+        raise DataError(f"{path}: unreadable JSON: {str(e).split(';')[0]}") from None
+    if not isinstance(rows, list):
+        raise DataError(f"{path}: expected a JSON list of rows, got {_kind(rows)}")
+    escapes = "\\u" in text
+    decoder, pos, lineno, counted = json.JSONDecoder(object_pairs_hook=_no_duplicates), text.index("[") + 1, 1, 0
+    blank = re.compile(r"[ \t\n\r]*")
+    for i, row in enumerate(rows):
+        pos = blank.match(text, pos).end()
+        lineno += text.count("\n", counted, pos)
+        counted = pos
+        source = f"{path}:{lineno}: item {i}"
+        try:  # again, item by item: its position, and keys given twice
+            _, pos = decoder.raw_decode(text, pos)
+        except _DuplicateKey as e:
+            yield source, row, e.args
+            pos = json.JSONDecoder().raw_decode(text, pos)[1]
+        else:
+            yield source, row, _check_unicode(row) if escapes else None
+        pos = blank.match(text, pos).end() + 1  # past the comma
+
+
+def _dataset_rows(path: Path):
+    try:
+        names = set(os.listdir(path))
+    except OSError as e:
+        raise DataError(f"{path}: cannot read directory: {e.strerror or e}") from None
+    if not names & {"dataset_dict.json", "state.json"}:
+        raise DataError(f"{path}: a directory, but not one written by datasets.save_to_disk "
+                        "(no dataset_dict.json or state.json)")
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:  # noqa: BLE001 - any failure means "not a readable saved dataset"
+        reason = " ".join(str(e).split())
+        reason = reason if len(reason) <= 160 else reason[:157] + "..."
+        raise DataError(f"{path}: cannot load the saved dataset ({type(e).__name__}: {reason})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise DataError(f"{path}: dataset has splits {list(ds)}, expected a 'train' split")
+        if len(ds) > 1:
+            log.info("%s: reading the 'train' split (also has %s)", path, ", ".join(s for s in ds if s != "train"))
+        ds = ds["train"]
+    for i, row in enumerate(ds):
+        # Arrow stores a field that some rows lack as null in those rows
+        yield f"{path}:row {i}", {k: v for k, v in row.items() if v is not None}
 
 
 def _check_messages(value, name: str) -> list[dict]:
+    """A non-empty list of ``{"role": one of ROLES, "content": str}`` messages."""
     if not isinstance(value, list) or not value:
         raise ValueError(name, "expected a non-empty list of {role, content} messages")
     for i, m in enumerate(value):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise ValueError(f"{name}[{i}]", "expected {\"role\": str, \"content\": str}")
+            got = (f"got {_kind(m)}" if not isinstance(m, dict) else
+                   "missing 'role'" if "role" not in m else "missing 'content'" if "content" not in m else
+                   f"'role' is {_kind(m['role'])}" if not isinstance(m["role"], str) else
+                   f"'content' is {_kind(m['content'])}")
+            raise ValueError(f"{name}[{i}]", f"expected {{\"role\": str, \"content\": str}}, {got}")
+        if m["role"] not in ROLES:
+            raise ValueError(f"{name}[{i}].role", f"{_short(m['role'])} is not one of {', '.join(ROLES)}")
     return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _check_prompt(msgs: list[dict], name: str) -> list[dict]:
+    """A prompt is a chat the model answers next: it has a user turn and does not end with
+    an assistant turn."""
+    if not any(m["role"] == "user" for m in msgs):
+        raise ValueError(name, "no user turn")
+    if msgs[-1]["role"] == "assistant":
+        raise ValueError(f"{name}[{len(msgs) - 1}].role", "the prompt ends with an assistant turn "
+                         "(put the demonstration in 'completion')")
+    return msgs
 
 
 def _text_of(value, name: str) -> str:
@@ -109,14 +264,17 @@ def _text_of(value, name: str) -> str:
         if len(msgs) != 1 or msgs[0]["role"] != "assistant":
             raise ValueError(name, "expected a string or one assistant message")
         return msgs[0]["content"]
-    raise ValueError(name, f"expected a string, got {type(value).__name__}")
+    raise ValueError(name, f"expected a string, got {'null' if value is None else type(value).__name__}")
 
 
 def parse_row(row, source: str, require_completion: bool = True) -> Demonstration:
     """Validate one row; raises ValueError(field, reason) when it is bad."""
     if not isinstance(row, dict):
-        raise ValueError("<row>", f"expected a JSON object, got {type(row).__name__}")
+        raise ValueError("<row>", f"expected a JSON object, got {'null' if row is None else type(row).__name__}")
     if "messages" in row:
+        clash = [k for k in ("prompt", "completion", "response") if k in row]
+        if clash:
+            raise ValueError("<row>", f"has both 'messages' and '{clash[0]}': use one format")
         msgs = _check_messages(row["messages"], "messages")
         if msgs[-1]["role"] == "assistant":
             prompt, completion = msgs[:-1], msgs[-1]["content"]
@@ -126,6 +284,8 @@ def parse_row(row, source: str, require_completion: bool = True) -> Demonstratio
             raise ValueError("messages", f"last message has role '{msgs[-1]['role']}', expected 'assistant'")
         else:
             prompt, completion = msgs, None
+        if not any(m["role"] == "user" for m in prompt):
+            raise ValueError("messages", "no user turn")
         extra = {k: v for k, v in row.items() if k != "messages"}
     elif "prompt" in row:
         p = row["prompt"]
@@ -134,7 +294,9 @@ def parse_row(row, source: str, require_completion: bool = True) -> Demonstratio
                 raise ValueError("prompt", "empty")
             prompt = [{"role": "user", "content": p}]
         else:
-            prompt = _check_messages(p, "prompt")
+            prompt = _check_prompt(_check_messages(p, "prompt"), "prompt")
+        if "completion" in row and "response" in row:
+            raise ValueError("<row>", "has both 'completion' and 'response': use one")
         key = "completion" if "completion" in row else "response" if "response" in row else None
         if key is None:
             if require_completion:
@@ -150,14 +312,21 @@ def parse_row(row, source: str, require_completion: bool = True) -> Demonstratio
     return Demonstration(prompt=prompt, completion=completion, source=source, extra=extra)
 
 
-def load_rows(path: str | Path, parse, skip_invalid: bool = False) -> list:
-    """``parse(row, source)`` over a file's rows. A bad row (``parse`` raises
-    ``ValueError(field, reason)``) raises DataError naming file, line and field, unless
-    ``skip_invalid``: then bad rows are skipped, counted and reported."""
-    path = Path(path)
+def load_rows(path, parse, skip_invalid: bool = False) -> list:
+    """``parse(row, source)`` over the rows of a file (or of an in-memory ``datasets.Dataset``
+    or list of dicts). A bad row (``parse`` raises ``ValueError(field, reason)``) raises
+    DataError naming file, line and field, unless ``skip_invalid``: then bad rows are
+    skipped, counted and reported."""
+    if isinstance(path, (str, Path)):
+        path, rows = Path(path), _read_rows(Path(path))
+    else:
+        rows = ((f"<data>:row {i}", row, None) for i, row in enumerate(path))
+        path = "<data>"
     items, invalid = [], []
-    for source, row in _read_rows(path):
+    for source, row, problem in rows:
         try:
+            if problem is not None:
+                raise ValueError(*problem)
             items.append(parse(row, source))
         except ValueError as e:
             bad = InvalidRow(source, *e.args)
@@ -170,7 +339,7 @@ def load_rows(path: str | Path, parse, skip_invalid: bool = False) -> list:
     return items
 
 
-def load_demonstrations(path: str | Path, skip_invalid: bool = False, require_completion: bool = True) -> list[Demonstration]:
+def load_demonstrations(path, skip_invalid: bool = False, require_completion: bool = True) -> list[Demonstration]:
     """Load and validate demonstrations (see :func:`load_rows`)."""
     return load_rows(path, lambda row, source: parse_row(row, source, require_completion), skip_invalid)
 
@@ -195,7 +364,6 @@ class Example:
     prompt_ids: list[int]
     completion_ids: list[int]
     index: int  # position in the demonstration list
-    truncated: bool = False
 
     def __len__(self) -> int:
         return len(self.prompt_ids) + len(self.completion_ids)
@@ -253,11 +421,10 @@ class ChatFormat:
                 invalid.append(problem)
                 continue
             c = self.completion_ids(d.prompt, d.completion) if d.completion is not None else []
-            cut = len(p) + len(c) > max_length
-            if cut:
+            if len(p) + len(c) > max_length:
                 c = c[: max_length - len(p)]
                 truncated += 1
-            examples.append(Example(p, c, i, cut))
+            examples.append(Example(p, c, i))
         report_skipped(invalid, len(demos), "the data")
         if truncated:
             log.warning("truncated the completion of %d of %d rows to --max-length %d", truncated, len(examples), max_length)

@@ -20,62 +20,44 @@ from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
 
-from .config import DEFAULT_MODEL, TrainConfig, _f
-from .data import ChatFormat, load_demonstrations
-from .evaluation import greedy_responses, mean_interval, proportion, verify
-from .models import load_policy, load_tokenizer, resolve_model, stop_token_ids
-from .training import pair_logprobs
+from .config import DEFAULT_MODEL, METHOD_CONFIGS, Checked, SftjuiceError, _f
+from .data import load_demonstrations
+from .evaluation import evaluate_model
+from .models import resolve_model
 from .report import markdown_table, plot_bars, text_table, write_json
 from .storage import atomic_write_text, read_jsonl, write_jsonl
+from .api import train
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class DemoConfig:
+class DemoConfig(Checked):
     output: str = _f("runs/demo", "output directory")
     model: str = _f(DEFAULT_MODEL, "starting model")
     task: str = _f("numbers__round_number", "demo task: a file pair in sftjuice/demo_data")
-    train_size: int = _f(96, "demonstrations used for training")
-    test_size: int = _f(100, "held-out prompts for evaluation")
+    train_size: int = _f(96, "demonstrations used for training", ge=2)
+    test_size: int = _f(100, "held-out prompts for evaluation", ge=2)
     methods: list[str] = _f(["sft", "irft", "spin", "rft"], "methods compared after the shared SFT epoch")
-    seed: int = _f(0, "random seed")
-    max_new_tokens: int = _f(16, "longest sampled or evaluated answer (the task's answers take at most 11 tokens)")
-    low_quality_fraction: float = _f(0.0, "share of training demonstrations replaced by another question's answer")
-
-
-# What each method does after the shared SFT epoch; all start from the SFT model and see
-# the same demonstrations once more. Learning rates: the best of {1/3, 1, 3} x the previous
-# setting (5e-5 for SFT, 1e-5 for the others) on validation prompts, the same search for
-# every method (benchmarks/tune.py, benchmarks/results/tune.md).
-STAGE_SETTINGS = {
-    "sft": dict(method="sft", epochs=1.0, learning_rate=5e-5, lr_scheduler="linear"),
-    "irft": dict(method="irft", epochs=1.0, rounds=4, passes=1, beta=0.1, loss="logistic",
-                 learning_rate=1e-5 / 3, lr_scheduler="constant"),
-    "spin": dict(method="spin", iterations=1, passes=1, beta=0.1, loss="logistic",
-                 learning_rate=1e-5 / 3, lr_scheduler="constant"),
-    "rft": dict(method="rft", epochs=1.0, rounds=4, num_samples=2, policy_steps=1, beta=0.1,
-                learning_rate=1e-5 / 3, reward_learning_rate=2e-5, lr_scheduler="constant"),
-}
+    seed: int = _f(0, "random seed", ge=0)
+    max_new_tokens: int = _f(16, "longest sampled or evaluated answer (the task's answers take at most 11 tokens)", ge=1)
+    low_quality_fraction: float = _f(0.0, "share of training demonstrations replaced by another question's answer", ge=0, le=1)
 
 
 @dataclass
 class Stage:
     name: str
     start: str  # stage whose final model this one starts from ("" = the base model)
-    settings: dict = field(default_factory=dict)
+    method: str = ""
 
 
 def stages(cfg: DemoConfig) -> list[Stage]:
-    unknown = [m for m in cfg.methods if m not in STAGE_SETTINGS]
+    """The base model, one SFT epoch from it, then from that SFT model one more epoch of each
+    method, each at its defaults (the settings the quality benchmark tuned)."""
+    unknown = [m for m in cfg.methods if m not in METHOD_CONFIGS]
     if unknown:
-        from .config import SftjuiceError
-
-        raise SftjuiceError(f"--methods: unknown {unknown}; choose from {sorted(STAGE_SETTINGS)}")
-    out = [Stage("base", ""), Stage("sft", "base", STAGE_SETTINGS["sft"])]
-    for m in cfg.methods:
-        out.append(Stage(f"sft+{m}" if m != "sft" else "sft+sft", "sft", STAGE_SETTINGS[m]))
-    return out
+        raise SftjuiceError(f"--methods: unknown {unknown}; choose from {', '.join(METHOD_CONFIGS)}")
+    return [Stage("base", ""), Stage("sft", "base", "sft")] + [Stage(f"sft+{m}", "sft", m) for m in cfg.methods]
 
 
 def prepare_data(cfg: DemoConfig, out: Path) -> tuple[Path, Path]:
@@ -97,29 +79,11 @@ def prepare_data(cfg: DemoConfig, out: Path) -> tuple[Path, Path]:
     return train, test
 
 
-def evaluate(model_dir: Path, test: Path, cfg: DemoConfig) -> dict:
-    """Greedy accuracy by the verifier, per-token log-likelihood of the reference answers,
-    and the log-prob gap between each reference answer and a wrong one (another held-out
-    question's answer): the paper's measure of what separates good responses from bad."""
-    tok = load_tokenizer(model_dir)
-    model = load_policy(TrainConfig(), model_dir, trainable=False)
-    chat = ChatFormat(tok, stop_token_ids(model))
-    demos = load_demonstrations(test)
-    responses = greedy_responses(model, chat, demos, cfg.max_new_tokens)
-    correct = [verify(r, d.completion) for r, d in zip(responses, demos)]
-    answers = [chat.completion_ids(d.prompt, d.completion) for d in demos]
-    wrong = [chat.completion_ids(d.prompt, demos[(i + 1) % len(demos)].completion) for i, d in enumerate(demos)]
-    right, other = pair_logprobs(model, tok.pad_token_id, [chat.prompt_ids(d.prompt) for d in demos], answers, wrong)
-    loglik = [lp / len(a) for lp, a in zip(right, answers)]
-    gaps = [a - b for a, b in zip(right, other)]
-    return {"accuracy": vars(proportion(sum(correct), len(correct))), "answer_logprob": vars(mean_interval(loglik)),
-            "logprob_gap": vars(mean_interval(gaps)), "correct": correct, "responses": responses}
-
-
 def run_stages(cfg: DemoConfig) -> list[dict]:
     """Train and evaluate every stage (skipping finished ones); one result dict per stage."""
     out = Path(cfg.output)
-    train, test = prepare_data(cfg, out)
+    train_file, test = prepare_data(cfg, out)
+    test_demos = load_demonstrations(test)
     plan = stages(cfg)
     models = {"base": resolve_model(cfg.model)}
     results = []
@@ -132,13 +96,10 @@ def run_stages(cfg: DemoConfig) -> list[dict]:
             if not (stage_dir / "final").exists():
                 t0 = time.time()
                 # IRFT/SPIN also report their implicit reward's margin on held-out prompts each round
-                monitor = {"eval_data": str(test), "eval_size": 16} if stage.settings["method"] in ("irft", "spin") else {}
-                tcfg = TrainConfig(model=str(models[stage.start]), data=str(train), output=str(stage_dir),
-                                   seed=cfg.seed, max_new_tokens=cfg.max_new_tokens,
-                                   resume=(stage_dir / "checkpoints").exists(), **stage.settings, **monitor)
-                from .algorithms import METHODS
-
-                METHODS[tcfg.method](tcfg)
+                monitor = {"eval_data": str(test), "eval_size": 16} if stage.method in ("irft", "spin") else {}
+                train(METHOD_CONFIGS[stage.method](
+                    model=str(models[stage.start]), data=str(train_file), output=str(stage_dir), seed=cfg.seed,
+                    **({} if stage.method == "sft" else {"max_new_tokens": cfg.max_new_tokens}), resume=True, **monitor))
                 atomic_write_text(timing, json.dumps(time.time() - t0))
                 # checkpoints only serve to resume this stage (~1.6 GB each with optimiser state)
                 shutil.rmtree(stage_dir / "checkpoints", ignore_errors=True)
@@ -146,7 +107,7 @@ def run_stages(cfg: DemoConfig) -> list[dict]:
             models[stage.name] = stage_dir / "final"
         eval_file = stage_dir / "eval.json"
         if not eval_file.exists():
-            write_json(eval_file, evaluate(models[stage.name], test, cfg))
+            write_json(eval_file, evaluate_model(models[stage.name], test_demos, cfg.max_new_tokens))
         ev = json.loads(eval_file.read_text())
         results.append({"stage": stage.name, "start": stage.start, "train_seconds": seconds, **ev})
         acc, ll, gap = ev["accuracy"], ev["answer_logprob"], ev["logprob_gap"]

@@ -13,14 +13,13 @@ from fractions import Fraction
 from functools import partial
 from pathlib import Path
 
-from .algorithms.rft import reward_scores
-from .config import ModelConfig, SamplingConfig, SftjuiceError, require
+from .config import ModelConfig, RewardScoreConfig, SamplingConfig, SftjuiceError, require
 from .data import ChatFormat, DataError, Demonstration, _check_messages, _text_of, load_demonstrations, load_rows
 from .generation import sample
 from .models import load_policy, load_reward_model, load_tokenizer, resolve_model, stop_token_ids
 from .report import markdown_table, plot_lines, text_table, write_json
-from .storage import atomic_write_text
-from .training import pair_logprobs, sequence_logprobs
+from .scoring import rewards_of, sequence_logprobs_of, singletons
+from .storage import atomic_write_text, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -125,17 +124,39 @@ def answer_logprobs(model, chat: ChatFormat, demos: list[Demonstration], batch_s
     """Per-token log-likelihood of each reference answer (moves before accuracy does)."""
     prompts = [chat.prompt_ids(d.prompt) for d in demos]
     answers = [chat.completion_ids(d.prompt, d.completion) for d in demos]
-    sums = sequence_logprobs(model, chat.tokenizer.pad_token_id, prompts, answers, batch_size)
-    return [s / len(a) for s, a in zip(sums, answers)]
+    sums = sequence_logprobs_of(model, chat.tokenizer.pad_token_id, prompts, singletons(answers), batch_size)
+    return [s[0] / len(a) for s, a in zip(sums, answers)]
+
+
+def logprob_pairs(model, chat: ChatFormat, prompts: list[list[dict]], chosen: list[str], rejected: list[str],
+                  batch_size: int = 16) -> list[tuple[float, float]]:
+    """(log pi(chosen|x), log pi(rejected|x)) for each (prompt, chosen, rejected) triple, each prompt computed once."""
+    ids = [chat.prompt_ids(p) for p in prompts]
+    groups = [[chat.completion_ids(p, c), chat.completion_ids(p, r)] for p, c, r in zip(prompts, chosen, rejected)]
+    return [tuple(g) for g in sequence_logprobs_of(model, chat.tokenizer.pad_token_id, ids, groups, batch_size)]
 
 
 def logprob_gaps(model, chat: ChatFormat, prompts: list[list[dict]], chosen: list[str], rejected: list[str],
                  batch_size: int = 16) -> list[float]:
     """log pi(chosen|x) - log pi(rejected|x) for each (prompt, chosen, rejected) triple."""
-    ids = [chat.prompt_ids(p) for p in prompts]
-    c, r = pair_logprobs(model, chat.tokenizer.pad_token_id, ids, [chat.completion_ids(p, y) for p, y in zip(prompts, chosen)],
-                         [chat.completion_ids(p, y) for p, y in zip(prompts, rejected)], batch_size)
-    return [a - b for a, b in zip(c, r)]
+    return [c - r for c, r in logprob_pairs(model, chat, prompts, chosen, rejected, batch_size)]
+
+
+def evaluate_model(model_dir, demos: list[Demonstration], max_new_tokens: int) -> dict:
+    """What the demo and the benchmarks report for one model on held-out demonstrations:
+    greedy accuracy by the verifier, the per-token log-likelihood of the reference answers,
+    and the log-prob gap between each reference answer and a wrong one (the next held-out
+    question's answer), the paper's measure of what separates good responses from bad."""
+    model, chat = load_judged(model_dir, ModelConfig())
+    responses = greedy_responses(model, chat, demos, max_new_tokens)
+    correct = [verify(r, reference_answer(d)) for r, d in zip(responses, demos)]
+    wrong = [demos[(i + 1) % len(demos)].completion for i in range(len(demos))]
+    pairs = logprob_pairs(model, chat, [d.prompt for d in demos], [d.completion for d in demos], wrong)
+    lengths = [len(chat.completion_ids(d.prompt, d.completion)) for d in demos]
+    return {"accuracy": vars(proportion(sum(correct), len(correct))),
+            "answer_logprob": vars(mean_interval([right / n for (right, _), n in zip(pairs, lengths)])),
+            "logprob_gap": vars(mean_interval([right - other for right, other in pairs])),
+            "correct": correct, "responses": responses}
 
 
 # ------------------------------------------------------------- pairs and responses
@@ -258,7 +279,7 @@ class RewardJudge:
                 prompts.append(p)
                 sampled = use_policy and r.token_ids is not None
                 completions.append(r.token_ids if sampled else chat.completion_ids(d.prompt, r.text))
-        flat = iter(reward_scores(self.model, prompts, completions, self.batch_size))
+        flat = iter(x[0] for x in rewards_of(self.model, prompts, singletons(completions), self.batch_size))
         return [[next(flat) for _ in rs] for rs in responses]
 
 
@@ -523,3 +544,23 @@ def run_eval(cfg) -> list[Path]:
         written.append(out / "gap.png")
     print("\n" + header + "\n\n" + text_table(rows, columns) + "\n")
     return written
+
+
+# ------------------------------------------------------------ sftjuice reward score
+
+
+def score_file(cfg: RewardScoreConfig) -> Path:
+    """``sftjuice reward score``: each prompt/response row of a file, with its learned reward."""
+    require(cfg, "reward_model", "data", "output")
+    demos = load_demonstrations(cfg.data, cfg.skip_invalid)
+    path = resolve_model(cfg.reward_model)
+    model = load_reward_model(path)
+    chat = ChatFormat(load_tokenizer(path))  # the template the reward model was trained with, saved beside it
+    examples = chat.encode(demos, cfg.max_prompt_length, cfg.max_length, cfg.skip_invalid)
+    scores = rewards_of(model, [e.prompt_ids for e in examples], singletons([e.completion_ids for e in examples]),
+                        cfg.batch_size)
+    rows = [{"prompt": demos[e.index].prompt, "completion": demos[e.index].completion, **demos[e.index].extra, "reward": s[0]}
+            for e, s in zip(examples, scores)]
+    out = Path(cfg.output)
+    write_jsonl(out, rows)
+    return out

@@ -28,10 +28,10 @@ def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tenso
     return logits.gather(-1, token_ids[..., None]).squeeze(-1) - logits.logsumexp(-1)
 
 
-def sft_loss(token_logps: torch.Tensor, mask: torch.Tensor, num_tokens: int | float) -> torch.Tensor:
-    """Summed NLL of completion tokens divided by ``num_tokens`` (the number of completion
-    tokens in the whole global batch, so micro-batches and processes add up exactly)."""
-    return -(token_logps * mask).sum() / num_tokens
+def sft_loss(token_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Summed NLL of the completion tokens; the optimiser step divides it by the number of
+    completion tokens in the whole global batch, so micro-batches and processes add up exactly."""
+    return -(token_logps * mask).sum()
 
 
 def margin_loss(u: torch.Tensor, kind: PairLoss) -> torch.Tensor:
@@ -103,3 +103,43 @@ def ppo_clip_loss(
     loss = -torch.min(ratio * advantages, ratio.clamp(1 - clip_range, 1 + clip_range) * advantages)
     clipped = ((ratio > 1 + clip_range) & (advantages > 0)) | ((ratio < 1 - clip_range) & (advantages < 0))
     return loss, clipped
+
+
+# Preference losses on pairs (RSO, per-step DPO)
+
+PreferenceLoss = Literal["sigmoid", "hinge", "hinge-norm"]
+
+
+def preference_loss(
+    policy_w: torch.Tensor,
+    ref_w: torch.Tensor | None,
+    policy_l: torch.Tensor,
+    ref_l: torch.Tensor | None,
+    kind: PreferenceLoss,
+    gamma: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss per (winner, loser) pair from sequence log-probs (sums over response tokens),
+    the three losses RSO compares (Liu et al. 2024, ALGORITHMS.md "RSO" step 5):
+
+    - ``sigmoid`` (DPO): ``-log sigmoid(gamma * D)``, ``D = [log pi/pi_ref](y_w) - [log pi/pi_ref](y_l)``;
+      its optimum is ``pi_ref * exp(r / gamma)`` for the reward that ranked the pairs;
+    - ``hinge`` (SLiC): ``max(0, 1 - gamma * [log pi(y_w) - log pi(y_l)])``, no reference: the
+      policy may drift anywhere once the margin is met (the paper finds it reward-hacks), so
+      ``ref_w`` and ``ref_l`` are ignored and may be None;
+    - ``hinge-norm``: ``max(0, 1 - gamma * D)``, SLiC's hinge on DPO's reference-normalised margin.
+
+    Per-step negatives (Setlur et al. 2024) use ``sigmoid`` with ``gamma`` = their DPO beta,
+    the loser being the wrong response cut after its first pit.
+
+    Returns ``(loss, margin)``: the loss per pair and the detached margin inside it
+    (``gamma * D``, or ``gamma * [log pi(y_w) - log pi(y_l)]`` for ``hinge``), the number to log:
+    positive when the policy already prefers the winner."""
+    if kind == "hinge":
+        margin = gamma * (policy_w - policy_l)
+        return margin_loss(margin, "hinge"), margin.detach()
+    if kind not in ("sigmoid", "hinge-norm"):
+        raise ValueError(f"unknown preference loss '{kind}'")
+    if ref_w is None or ref_l is None:
+        raise ValueError(f"the '{kind}' loss needs the reference log-probs")
+    margin = gamma * ((policy_w - ref_w) - (policy_l - ref_l))
+    return margin_loss(margin, "logistic" if kind == "sigmoid" else "hinge"), margin.detach()

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import logging
 import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from .config import DEFAULT_MODEL, ModelConfig, SftjuiceError
 from .storage import atomic_dir
@@ -86,23 +88,38 @@ def resolve_model(name: str) -> Path:
         ) from None
 
 
+def _load_error(path, what: str, e: Exception) -> SftjuiceError:
+    return SftjuiceError(f"{path}: cannot load as {what}: {(str(e).splitlines() or [type(e).__name__])[0]}")
+
+
+# what a missing, corrupt or foreign model directory raises on load
+LOAD_ERRORS = (OSError, ValueError, KeyError, json.JSONDecodeError, SafetensorError)
+
+
 def load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except LOAD_ERRORS as e:
+        raise _load_error(path, "a tokenizer", e) from None
 
 
-def load_policy(cfg: ModelConfig, path: Path | None = None, trainable: bool = True):
-    """The policy in fp32 (master weights; bf16 is applied by autocast), with LoRA if asked."""
+def load_policy(cfg: ModelConfig, source=None, trainable: bool = True):
+    """The policy in fp32 (master weights; bf16 is applied by autocast), with LoRA if asked.
+    ``source``: a model directory (default ``cfg.model``) or an already loaded causal LM."""
     from transformers import AutoModelForCausalLM
 
-    path = path or resolve_model(cfg.model)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    except (OSError, ValueError) as e:
-        raise SftjuiceError(f"{path}: cannot load as a causal LM: {e}") from None
+    if isinstance(source, torch.nn.Module):
+        model = source.float()
+    else:
+        path = source or resolve_model(cfg.model)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        except LOAD_ERRORS as e:
+            raise _load_error(path, "a causal LM", e) from None
     model.generation_config.pad_token_id = model.generation_config.pad_token_id or model.config.eos_token_id
-    if trainable and cfg.lora:
+    if trainable and cfg.lora and not is_peft(model):
         from peft import LoraConfig, get_peft_model
 
         targets = cfg.lora_target_modules
@@ -150,8 +167,8 @@ def load_reward_model(path: Path, pad_token_id: int | None = None):
 
     try:
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
-    except (OSError, ValueError) as e:
-        raise SftjuiceError(f"{path}: cannot load as a reward model (sequence classification): {e}") from None
+    except LOAD_ERRORS as e:
+        raise _load_error(path, "a reward model (sequence classification)", e) from None
     if pad_token_id is not None:
         model.config.pad_token_id = pad_token_id
     if model.config.pad_token_id is None:

@@ -1,5 +1,6 @@
-"""One module per training method; each exposes ``train(cfg) -> Path`` (the final/ directory)."""
+"""One module per training method; each exposes ``train(cfg, model, tokenizer, data) -> Path``
+(the final/ directory). SPIN is IRFT's loop with :class:`config.SPINConfig`."""
 
 from . import irft, rft, sft
 
-METHODS = {"sft": sft.train, "irft": irft.train, "spin": irft.train_spin, "rft": rft.train}
+METHODS = {"sft": sft.train, "irft": irft.train, "spin": irft.train, "rft": rft.train}

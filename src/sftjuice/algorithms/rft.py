@@ -41,129 +41,44 @@ mean on pi_t's samples; ``reward_*``: after the step) and an ``event`` "round"
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..config import RewardScoreConfig, SftjuiceError, TrainConfig, require
-from ..data import ChatFormat, Example, collate, global_batches, load_demonstrations
-from ..generation import sample
+from ..config import RFTConfig, SftjuiceError
+from ..data import Example
 from ..losses import kl_penalty, ppo_clip_loss, reward_pair_loss, rloo_advantages
-from ..models import (is_peft, load_policy, load_reward_model, load_tokenizer, resolve_model, reward_pad_id,
-                      save_reward_model)
-from ..storage import read_jsonl, write_jsonl
-from ..training import Run, grouped_token_logprobs, shared_prompt_logprobs, start_run
-from .irft import round_sections
+from ..models import is_peft, load_reward_model, load_tokenizer, resolve_model, reward_pad_id, save_reward_model
+from ..scoring import rewards_of, shared_logprobs, shared_rewards, token_logprobs_of
+from ..training import Learner, Run, start_run, weights_fingerprint
+from . import rounds
+from .rounds import Completion, Group, groups_of, samples_in
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Rollout:
-    token_ids: list[int]  # y_hat ~ pi_t
-    logprobs: list[float]  # log pi_t(y_t | x, y_<t), the sampler's
-    ref_logprobs: list[float]  # log pi_ref(y_t | x, y_<t)
-    advantage: float = 0.0
-
-
-@dataclass
-class Group:
-    """A prompt with its demonstration and its n samples: the unit of every batch, so each
-    prompt is computed once for all of its completions."""
-    example: Example
-    samples: list[Rollout]
-
-    @property
-    def completions(self) -> list[list[int]]:  # the demonstration first
-        return [self.example.completion_ids] + [x.token_ids for x in self.samples]
-
-    def __len__(self) -> int:  # the padded width of its batch rows
-        return len(self.example.prompt_ids) + max(map(len, self.completions))
-
-
-def samples_in(groups: list[Group]) -> int:
-    """What RFT's losses are normalised by: (demonstration, sample) pairs, i.e. samples."""
-    return sum(len(g.samples) for g in groups)
-
-
-def prompts_per_micro_batch(cfg: TrainConfig) -> int:
-    """Batches hold whole prompts: ``per_device_batch_size`` counts samples, rounded down to
-    whole prompts of ``num_samples`` each (at least one)."""
-    return max(1, cfg.per_device_batch_size // cfg.num_samples)
-
-
-def prompts_per_step(run: Run) -> int:
-    return prompts_per_micro_batch(run.cfg) * run.cfg.gradient_accumulation_steps * run.world
 
 
 # ------------------------------------------------------------------ the two scorers
 
 
-def load_reference(run: Run):
-    """pi_ref: None with LoRA (the policy with its adapter disabled is the starting model),
-    otherwise a frozen copy of the starting model. Never prepared, so never checkpointed."""
-    if is_peft(run.policy):
-        return None
-    ref = load_policy(run.cfg, resolve_model(run.cfg.model), trainable=False)
-    return ref.to(run.accelerator.device).eval().requires_grad_(False)
+def reference_logprobs(run: Run, ref):
+    """``annotate`` for :func:`rounds.sample_round`: per-token log pi_ref of each sample. pi_ref
+    is ``ref``, or with LoRA (``ref`` None) the policy with its adapter switched off."""
+    def annotate(examples: list[Example], samples) -> list[dict]:
+        adapter_off = run.policy.disable_adapter() if ref is None else contextlib.nullcontext()
+        with adapter_off, run.accelerator.autocast():  # the precision the policy samples and trains in
+            refs = token_logprobs_of(run.policy if ref is None else ref, run.tokenizer.pad_token_id,
+                                     [e.prompt_ids for e in examples], [[s.token_ids for s in ss] for ss in samples])
+        return [{"ref_token_logprobs": rr} for rr in refs]
+
+    return annotate
 
 
-def reference_logprobs(run: Run, ref, prompts: list[list[int]], groups: list[list[list[int]]]) -> list[list[list[float]]]:
-    """Per-token log pi_ref of each prompt's completions."""
-    adapter_off = run.policy.disable_adapter() if ref is None else contextlib.nullcontext()
-    with adapter_off, run.accelerator.autocast():  # the precision the policy samples and trains in
-        return grouped_token_logprobs(run.policy if ref is None else ref, run.tokenizer.pad_token_id, prompts, groups)
-
-
-def reward_forward(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """``r_phi(x, y)`` per row of a :func:`data.collate` batch (prompt + completion tokens)."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                position_ids=batch["position_ids"], use_cache=False)
-    return out.logits.squeeze(-1).float()
-
-
-def shared_prompt_rewards(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """``r_phi`` of the ``k`` completions per prompt of a :func:`data.collate_shared` batch,
-    computing each prompt once (its keys and values cached and repeated, as
-    :func:`training.shared_prompt_logprobs` does for the policy). The completions are the
-    second call's whole input, so HF's head reads each at its last non-padding token."""
-    prompt_mask = batch["prompt_mask"]
-    k = batch["completion_ids"].shape[0] // prompt_mask.shape[0]
-    C = batch["completion_ids"].shape[1]
-    cache = model(input_ids=batch["prompt_ids"], attention_mask=prompt_mask, position_ids=batch["prompt_positions"],
-                  use_cache=True).past_key_values
-    cache.batch_repeat_interleave(k)
-    mask = torch.cat([prompt_mask.repeat_interleave(k, dim=0), batch["completion_mask"].long()], dim=1)
-    start = batch["prompt_positions"][:, -1:].repeat_interleave(k, dim=0) + 1
-    out = model(input_ids=batch["completion_ids"], attention_mask=mask, position_ids=start + torch.arange(C, device=start.device),
-                past_key_values=cache, use_cache=True)
-    return out.logits.squeeze(-1).float()
-
-
-@torch.no_grad()
-def reward_scores(model, prompts: list[list[int]], completions: list[list[int]], batch_size: int = 16) -> list[float]:
-    """``r_phi(x, y)`` for many pairs. The head reads the last token that is not padding (HF's
-    rule), so these are the scores the saved directory gives under AutoModelForSequenceClassification."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        batch = collate(prompts[i: i + batch_size], completions[i: i + batch_size], model.config.pad_token_id)
-        out += reward_forward(model, {k: v.to(device) for k, v in batch.items()}).tolist()
-    model.train(was_training)
-    return out
-
-
-def setup_reward(run: Run, total_steps: int) -> Run:
-    """r_phi with its own optimiser and schedule, as a view of the run sharing everything
-    else (accelerator, data, batch sizes), so ``Run.optimizer_step`` trains it with the same
-    exact global normalisation and ``save_state`` checkpoints it beside the policy."""
-    cfg = run.cfg
+def load_reward(run: Run, cfg: RFTConfig):
+    """r_phi: a scalar head on ``--reward-model`` (default: the policy's starting model)."""
+    if cfg.reward_model is None and not isinstance(cfg.model, str):
+        raise SftjuiceError("--reward-model is needed when the policy is given as a loaded model")
     name = cfg.reward_model or cfg.model
     path = resolve_model(name) if run.is_main else None
     run.accelerator.wait_for_everyone()
@@ -171,32 +86,13 @@ def setup_reward(run: Run, total_steps: int) -> Run:
     if cfg.reward_model and (path / "tokenizer_config.json").exists():
         if load_tokenizer(path).get_vocab() != run.tokenizer.get_vocab():
             raise SftjuiceError(f"{path}: the reward model's tokenizer differs from the policy's; it must read the same tokens")
-    pad = reward_pad_id(run.tokenizer, run.chat.stop_token_ids)
-    model = load_reward_model(path, pad_token_id=pad)
-    reward = dataclasses.replace(run, model=model, pad_id=pad,
-                                 cfg=dataclasses.replace(cfg, learning_rate=cfg.reward_learning_rate))
-    reward.setup_optimizer(total_steps)  # prepared after the policy: state files model_1, optimizer_1
-    return reward
+    return load_reward_model(path, pad_token_id=reward_pad_id(run.tokenizer, run.chat.stop_token_ids))
 
 
-@torch.no_grad()
-def group_rewards(reward: Run, groups: list[Group], batch_size: int = 16) -> list[list[float]]:
-    """r_phi of each group's completions (demonstration first), each prompt computed once."""
-    model = reward.accelerator.unwrap_model(reward.model)
-    was_training = model.training
-    model.eval()
-    out = []
-    for i in range(0, len(groups), batch_size):
-        gs = groups[i: i + batch_size]
-        batch = reward.collate_shared([g.example.prompt_ids for g in gs], [c for g in gs for c in g.completions])
-        out += shared_prompt_rewards(model, batch).view(len(gs), -1).tolist()
-    model.train(was_training)
-    return out
-
-
-def score_round(run: Run, reward: Run, groups: list[Group]) -> tuple[list[float], list[float]]:
+def score_round(run: Run, reward: Learner, groups: list[Group]) -> tuple[list[float], list[float]]:
     """r_phi of each prompt's demonstration, and of each sample (flat, a prompt's n together)."""
-    scores = run.map_sharded(groups, lambda gs: group_rewards(reward, gs))
+    scores = run.map_sharded(groups, lambda gs: rewards_of(reward.unwrapped, [g.example.prompt_ids for g in gs],
+                                                           [g.completions for g in gs]))
     return [s[0] for s in scores], [x for s in scores for x in s[1:]]
 
 
@@ -205,60 +101,26 @@ def pair_stats(prefix: str, demo: list[float], own: list[float], n: int) -> dict
     return {f"{prefix}_accuracy": sum(m > 0 for m in margins) / len(margins), f"{prefix}_margin": sum(margins) / len(margins)}
 
 
-# ------------------------------------------------------------------------- a round
+# ------------------------------------------------------------------------ the losses
 
 
-def generate_round(run: Run, ref, r: int, section: list[int]) -> list[dict]:
-    """Sample for a section's prompts with pi_t, or reload what round ``r`` already sampled."""
-    cfg, path = run.cfg, run.output / "rounds" / str(r) / "generations.jsonl"
-    if path.exists():
-        return read_jsonl(path)
-    seed = (cfg.seed * 1_000_003 + r) * 101 + run.accelerator.process_index
-
-    def work(indices: list[int]) -> list[dict]:
-        examples = [run.examples[i] for i in indices]
-        samples = sample(run.policy, [e.prompt_ids for e in examples], cfg, run.chat.stop_token_ids,
-                         run.tokenizer.pad_token_id, seed=seed, bf16=cfg.bf16, progress=run.is_main)
-        refs = reference_logprobs(run, ref, [e.prompt_ids for e in examples], [[s.token_ids for s in ss] for ss in samples])
-        return [
-            {"example": i, "prompt": run.demos[e.index].prompt, "demonstration": run.demos[e.index].completion,
-             "samples": [{"completion": run.chat.decode(s.token_ids), "token_ids": s.token_ids, "finished": s.finished,
-                          "token_logprobs": s.logprobs, "ref_token_logprobs": r} for s, r in zip(ss, rr)]}
-            for i, e, ss, rr in zip(indices, examples, samples, refs)
-        ]
-
-    rows = run.map_sharded(section, work)
-    if run.is_main:
-        write_jsonl(path, rows)
-    run.accelerator.wait_for_everyone()
-    return rows
-
-
-def groups_of(run: Run, rows: list[dict]) -> list[Group]:
-    return [Group(run.examples[row["example"]],
-                  [Rollout(s["token_ids"], s["token_logprobs"], s["ref_token_logprobs"]) for s in row["samples"]])
-            for row in rows]
-
-
-def rollout_advantages(rollouts: list[Rollout], rewards: list[float], beta: float, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(advantages, kl)`` per rollout: RLOO over each prompt's n samples of the learned
+def rollout_advantages(samples: list[Completion], rewards: list[float], beta: float, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(advantages, kl)`` per sample: RLOO over each prompt's n samples of the learned
     reward minus ``beta`` times the summed per-token KL of pi_t (the sampler) to pi_ref."""
     pad = torch.nn.utils.rnn.pad_sequence
-    logps = pad([torch.tensor(x.logprobs) for x in rollouts], batch_first=True)
-    ref = pad([torch.tensor(x.ref_logprobs) for x in rollouts], batch_first=True)
-    mask = pad([torch.ones(len(x.logprobs)) for x in rollouts], batch_first=True)
+    logps = pad([torch.tensor(x.logprobs) for x in samples], batch_first=True)
+    ref = pad([torch.tensor(x.ref_logprobs) for x in samples], batch_first=True)
+    mask = pad([torch.ones(len(x.logprobs)) for x in samples], batch_first=True)
     kl = kl_penalty(logps, ref, mask)
     advantages = rloo_advantages((torch.tensor(rewards) - beta * kl).view(-1, n)).flatten()
     return advantages, kl
 
 
-def reward_micro_loss(reward: Run):
-    cfg = reward.cfg
-
-    def micro_loss(items: list[Group]):
+def reward_micro_loss(reward: Learner, cfg: RFTConfig):
+    def micro_loss(groups: list[Group]):
         # a prompt's demonstration and samples share it: it is computed once for all of them
-        batch = reward.collate_shared([g.example.prompt_ids for g in items], [c for g in items for c in g.completions])
-        scores = shared_prompt_rewards(reward.model, batch).view(len(items), -1)
+        batch = reward.collate_shared([g.example.prompt_ids for g in groups], [c for g in groups for c in g.completions])
+        scores = shared_rewards(reward.model, batch).view(len(groups), -1)
         rejected = scores[:, 1:].flatten()  # one pair per sample, its prompt's demonstration chosen
         chosen = scores[:, :1].expand(-1, scores.shape[1] - 1).flatten()
         loss = reward_pair_loss(chosen, rejected, cfg.reward_loss, cfg.reward_l2)
@@ -269,15 +131,13 @@ def reward_micro_loss(reward: Run):
     return micro_loss
 
 
-def policy_micro_loss(run: Run):
-    cfg = run.cfg
-
-    def micro_loss(items: list[Group]):
-        batch = run.collate_shared([g.example.prompt_ids for g in items], [x.token_ids for g in items for x in g.samples])
-        logps = shared_prompt_logprobs(run.model, batch).sum(-1)
-        xs = [x for g in items for x in g.samples]
-        old = torch.tensor([sum(x.logprobs) for x in xs], device=logps.device)
-        advantages = torch.tensor([x.advantage for x in xs], device=logps.device)
+def policy_micro_loss(policy: Learner, cfg: RFTConfig):
+    def micro_loss(groups: list[Group]):
+        batch = policy.collate_shared([g.example.prompt_ids for g in groups], [s.token_ids for g in groups for s in g.samples])
+        logps = shared_logprobs(policy.model, batch).sum(-1)
+        samples = [s for g in groups for s in g.samples]
+        old = torch.tensor([s.logprob for s in samples], device=logps.device)
+        advantages = torch.tensor([s.advantage for s in samples], device=logps.device)
         loss, clipped = ppo_clip_loss(logps, old, advantages, cfg.clip_range)
         return loss.sum(), {"loss": loss.sum(), "clip_fraction": clipped.float().sum(),
                             "log_ratio": (logps - old).detach().sum()}
@@ -285,69 +145,56 @@ def policy_micro_loss(run: Run):
     return micro_loss
 
 
-def plan_rounds(run: Run) -> list[dict]:
-    """Every round's section and optimiser steps (one reward pass, K policy passes), fixed
-    before training starts (the learning-rate schedules need their totals)."""
-    cfg = run.cfg
-    plan = []
-    for r in range(max(1, round(cfg.epochs * cfg.rounds))):
-        epoch, t = divmod(r, cfg.rounds)
-        section = round_sections(len(run.examples), cfg.rounds, cfg.seed, epoch)[t]
-        if not section:
-            raise SftjuiceError(f"--rounds {cfg.rounds} leaves rounds without prompts ({len(run.examples)} demonstrations)")
-        per_pass = len(global_batches(len(section), prompts_per_step(run), 0, 0, min_size=run.world))
-        plan.append({"section": section, "reward_steps": per_pass, "policy_steps": per_pass * cfg.policy_steps})
-    return plan
+# ---------------------------------------------------------------------- the loop
 
 
-def check_options(cfg: TrainConfig) -> None:
-    if cfg.rounds < 1 or cfg.policy_steps < 0:
-        raise SftjuiceError("--rounds must be >= 1 and --policy-steps >= 0")
-    if cfg.num_samples < 2:
-        raise SftjuiceError("--method rft needs --num-samples >= 2: each sample's baseline is the mean reward "
-                            "of the other samples of its prompt (RLOO)")
-    if cfg.reward_loss == "linear" and cfg.reward_l2 <= 0:
-        raise SftjuiceError("--reward-loss linear is unbounded below: bound the rewards with --reward-l2 > 0")
+def sampling_seed(cfg, r: int, rank: int) -> int:
+    return (cfg.seed * 1_000_003 + r) * 101 + rank
+
+
+def train(cfg: RFTConfig, model=None, tokenizer=None, data=None) -> Path:
     if cfg.temperature != 1.0 or cfg.top_p != 1.0:
         log.warning("--temperature/--top-p change the sampling distribution: the policy gradient and the KL "
                     "estimate assume samples from pi_t itself, so they are biased")
-
-
-def train(cfg: TrainConfig) -> Path:
-    check_options(cfg)
-    run = start_run(cfg)
-    n, micro = cfg.num_samples, prompts_per_micro_batch(cfg)
-    plan = plan_rounds(run)
-    run.setup_optimizer(sum(p["policy_steps"] for p in plan))
-    reward = setup_reward(run, sum(p["reward_steps"] for p in plan))
-    ref = load_reference(run)
-    state = run.resume() or {"step": 0}  # "step" counts reward and policy updates
-    reward_loss, policy_loss = reward_micro_loss(reward), policy_micro_loss(run)
-    bar = run.progress(sum(p["reward_steps"] + p["policy_steps"] for p in plan), state["step"])
+    run = start_run(cfg, model, tokenizer, data)
+    n = cfg.num_samples
+    plan = rounds.plan(len(run.examples), cfg.rounds, cfg.epochs, cfg.seed)
+    reward_steps = [rounds.steps_per_pass(run, len(rnd.section)) for rnd in plan]  # one reward pass a round
+    policy = run.learner(run.policy_model, cfg.learning_rate, sum(s * cfg.policy_steps for s in reward_steps))
+    # prepared after the policy: its state files are model_1, optimizer_1
+    reward = run.learner(load_reward(run, cfg), cfg.reward_learning_rate, sum(reward_steps),
+                         pad_id=reward_pad_id(run.tokenizer, run.chat.stop_token_ids))
+    ref = None if is_peft(run.policy) else run.frozen_copy()
+    state = run.resume()  # "step" counts reward and policy updates
+    reward_loss, policy_loss = reward_micro_loss(reward, cfg), policy_micro_loss(policy, cfg)
+    bar = run.progress(sum(s * (1 + cfg.policy_steps) for s in reward_steps), state["step"])
+    rank = run.accelerator.process_index
     step = 0
-    for r, rnd in enumerate(plan):
-        start, end = step, step + rnd["reward_steps"] + rnd["policy_steps"]
+    for rnd, n_reward in zip(plan, reward_steps):
+        r, start = rnd.index, step
+        end = start + n_reward * (1 + cfg.policy_steps)
         if end <= state["step"]:  # finished before a resume
             step = end
             continue
         t0 = time.time()
-        rows = generate_round(run, ref, r, rnd["section"])
-        groups = groups_of(run, rows)
+        pi_t = rounds.round_policy(run, state, start)
+        rows = rounds.sample_round(run, r, rnd.section, sampling_seed(cfg, r, rank), pi_t,
+                                   annotate=reference_logprobs(run, ref))
+        groups = groups_of(rows, run.examples)
         t1 = time.time()
 
         # reward step: demonstrations up, pi_t's samples down (mid-round checkpoints come after it)
         reward_step_due = state["step"] <= start
         if reward_step_due:
             held_out = score_round(run, reward, groups)
-            for batch in global_batches(len(groups), prompts_per_step(run), cfg.seed, r * 1000, min_size=run.world):
+            for batch in rounds.batches(run, len(groups), r, 0):
                 step += 1
-                stats = reward.optimizer_step([groups[i] for i in batch], reward_loss, samples_in, length=len,
-                                              micro_batch_size=micro)
+                stats = reward.step([groups[i] for i in batch], reward_loss, samples_in, length=len)
                 if step % cfg.log_every == 0:
                     run.log_metrics({"step": step, "round": r, "phase": "reward", **stats})
                 bar.update(1)
                 bar.set_postfix(round=r, reward_loss=f"{stats['loss']:.4f}", accuracy=f"{stats['accuracy']:.2f}")
-        step = start + rnd["reward_steps"]
+        step = start + n_reward
         demo, own = score_round(run, reward, groups)
         if reward_step_due:
             run.log_metrics({
@@ -358,17 +205,16 @@ def train(cfg: TrainConfig) -> Path:
         t2 = time.time()
 
         # policy step: K passes of PPO-clip on RLOO advantages of r_phi - beta * KL(pi_t || pi_ref)
-        rollouts = [x for g in groups for x in g.samples]
-        advantages, kl = rollout_advantages(rollouts, own, cfg.beta, n)
-        for x, a in zip(rollouts, advantages.tolist()):
-            x.advantage = a
+        samples = [s for g in groups for s in g.samples]
+        advantages, kl = rollout_advantages(samples, own, cfg.beta, n)
+        for s, a in zip(samples, advantages.tolist()):
+            s.advantage = a
         for k in range(cfg.policy_steps):
-            for batch in global_batches(len(groups), prompts_per_step(run), cfg.seed, r * 1000 + 1 + k, min_size=run.world):
+            for batch in rounds.batches(run, len(groups), r, 1 + k):
                 step += 1
                 if step <= state["step"]:
                     continue
-                stats = run.optimizer_step([groups[i] for i in batch], policy_loss, samples_in, length=len,
-                                           micro_batch_size=micro)
+                stats = policy.step([groups[i] for i in batch], policy_loss, samples_in, length=len)
                 adv = advantages.view(-1, n)[batch]
                 if step % cfg.log_every == 0:
                     run.log_metrics({"step": step, "round": r, "phase": "policy", "pass": k, **stats,
@@ -376,36 +222,16 @@ def train(cfg: TrainConfig) -> Path:
                 bar.update(1)
                 bar.set_postfix(round=r, loss=f"{stats['loss']:.4f}", clip=f"{stats['clip_fraction']:.2f}")
                 if cfg.save_every and step % cfg.save_every == 0 and step != end:
-                    run.save_checkpoint({"step": step, "round": r})
-        samples = [s for row in rows for s in row["samples"]]
+                    run.save_checkpoint({"step": step, "round": r, "round_policy": pi_t})
         run.log_metrics({
-            "step": step, "event": "round", "round": r, "samples": len(samples),
+            "step": step, "event": "round", "round": r, **rounds.sample_stats(rows),
             "sample_reward": sum(own) / len(own), "kl": kl.mean().item(),
-            "sample_length_mean": sum(len(s["token_ids"]) for s in samples) / len(samples),
-            "sample_cut_fraction": sum(not s["finished"] for s in samples) / len(samples),
             "generation_seconds": round(t1 - t0, 2), "reward_seconds": round(t2 - t1, 2),
             "policy_seconds": round(time.time() - t2, 2),
         })
-        run.save_checkpoint({"step": step, "round": r + 1})
+        run.save_checkpoint({"step": step, "round": r + 1, "round_policy": weights_fingerprint(run.policy)})
     bar.close()
     run.accelerator.wait_for_everyone()
     if run.is_main:
-        save_reward_model(run.accelerator.unwrap_model(reward.model), run.tokenizer, run.output / "reward_model")
+        save_reward_model(reward.unwrapped, run.tokenizer, run.output / "reward_model")
     return run.finish()
-
-
-def score_file(cfg: RewardScoreConfig) -> Path:
-    """``sftjuice reward score``: each prompt/response row of a file, with its learned reward."""
-    require(cfg, "reward_model", "data", "output")
-    demos = load_demonstrations(cfg.data, cfg.skip_invalid)
-    path = resolve_model(cfg.reward_model)
-    tokenizer = load_tokenizer(path)
-    model = load_reward_model(path)
-    chat = ChatFormat(tokenizer)  # the template the reward model was trained with, saved beside it
-    examples = chat.encode(demos, cfg.max_prompt_length, cfg.max_length, cfg.skip_invalid)
-    scores = reward_scores(model, [e.prompt_ids for e in examples], [e.completion_ids for e in examples], cfg.batch_size)
-    rows = [{"prompt": demos[e.index].prompt, "completion": demos[e.index].completion, **demos[e.index].extra, "reward": s}
-            for e, s in zip(examples, scores)]
-    out = Path(cfg.output)
-    write_jsonl(out, rows)
-    return out

@@ -5,19 +5,19 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ..config import TrainConfig
+from ..config import SFTConfig
 from ..data import Example, global_batches
 from ..losses import sft_loss
-from ..training import Run, completion_logprobs, start_run, steps_for
+from ..scoring import completion_logprobs
+from ..training import Learner, start_run, steps_for
 
 
-def sft_micro_loss(run: Run):
+def sft_micro_loss(learner: Learner):
     """Summed NLL of a micro-batch's completion tokens (normalised by the step)."""
 
     def micro_loss(items: list[Example]):
-        batch = run.collate([e.prompt_ids for e in items], [e.completion_ids for e in items])
-        logps = completion_logprobs(run.model, batch)
-        nll = sft_loss(logps, batch["completion_mask"], 1.0)
+        batch = learner.collate([e.prompt_ids for e in items], [e.completion_ids for e in items])
+        nll = sft_loss(completion_logprobs(learner.model, batch), batch["completion_mask"])
         return nll, {"loss": nll}
 
     return micro_loss
@@ -27,21 +27,21 @@ def completion_tokens(items: list[Example]) -> int:
     return sum(len(e.completion_ids) for e in items)
 
 
-def train(cfg: TrainConfig) -> Path:
-    run = start_run(cfg)
+def train(cfg: SFTConfig, model=None, tokenizer=None, data=None) -> Path:
+    run = start_run(cfg, model, tokenizer, data)
     examples = run.examples
-    per_epoch, total = steps_for(len(examples), run.global_batch_size, cfg.epochs)
-    run.setup_optimizer(total)
-    state = run.resume() or {"step": 0}
-    micro_loss = sft_micro_loss(run)
+    per_epoch, total = steps_for(len(examples), run.prompts_per_step, cfg.epochs)
+    policy = run.learner(run.policy_model, cfg.learning_rate, total)
+    state = run.resume()
+    micro_loss = sft_micro_loss(policy)
     bar = run.progress(total, state["step"])
     for step in range(state["step"], total):
         epoch, i = divmod(step, per_epoch)
-        batches = global_batches(len(examples), run.global_batch_size, cfg.seed, epoch, min_size=run.world)
+        batches = global_batches(len(examples), run.prompts_per_step, cfg.seed, epoch, min_size=run.world)
         if i >= len(batches):  # a tail batch too small to split over the processes
             continue
         t0 = time.time()
-        stats = run.optimizer_step([examples[j] for j in batches[i]], micro_loss, completion_tokens, length=len)
+        stats = policy.step([examples[j] for j in batches[i]], micro_loss, completion_tokens, length=len)
         tokens = completion_tokens([examples[j] for j in batches[i]])
         if (step + 1) % cfg.log_every == 0 or step + 1 == total:
             run.log_metrics({"step": step + 1, "epoch": round((step + 1) / per_epoch, 4), **stats,

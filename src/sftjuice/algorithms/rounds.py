@@ -1,0 +1,172 @@
+"""Rounds: what every sampling method shares.
+
+A run's epochs of demonstrations are split into rounds. Round ``r`` takes its *section* of
+the prompts, samples from the policy as it stands at the round's start (``pi_t``), scores
+what it needs with forward-only passes, and writes everything the round trains on to
+``OUTPUT/rounds/<r>/<name>.jsonl`` atomically, before its first step. A resumed run finds
+the file again and never samples a finished round twice; each row records a fingerprint of
+the policy that sampled it, and resuming checks it, so a folder never mixes two runs.
+
+Batches hold whole prompts: a :class:`Group` is a prompt with its demonstration and its
+samples, so every pass computes a prompt once for all of its completions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from ..config import SftjuiceError
+from ..data import Demonstration, Example, epoch_order, global_batches
+from ..generation import Sample, sample
+from ..scoring import token_logprobs_of
+from ..storage import read_jsonl, write_jsonl
+from ..training import Run, weights_fingerprint
+
+
+@dataclass
+class Round:
+    index: int  # over the whole run
+    epoch: int
+    section: list[int]  # indices into the run's examples whose prompts this round samples
+
+
+def plan(n_examples: int, rounds_per_epoch: int, epochs: float, seed: int) -> list[Round]:
+    """Every round's section, fixed before training starts (the schedules need the total):
+    each shuffled epoch split into ``rounds_per_epoch`` near-equal sections."""
+    out = []
+    for r in range(max(1, round(epochs * rounds_per_epoch))):
+        epoch, t = divmod(r, rounds_per_epoch)
+        order = epoch_order(n_examples, seed, epoch)
+        section = order[t * n_examples // rounds_per_epoch: (t + 1) * n_examples // rounds_per_epoch]
+        if not section:
+            raise SftjuiceError(f"--rounds {rounds_per_epoch} leaves rounds without prompts ({n_examples} demonstrations)")
+        out.append(Round(r, epoch, section))
+    return out
+
+
+# Seeds: every random stream of a round has a name; its seed is derived from the run's seed.
+def shuffle_seed(r: int, pass_: int) -> int:
+    """Batch order of pass ``pass_`` of round ``r`` (fed to :func:`data.global_batches` with the run's seed)."""
+    return r * 1000 + pass_
+
+
+def batches(run: Run, n_groups: int, r: int, pass_: int) -> list[list[int]]:
+    """One pass's global batches of whole prompts, shuffled."""
+    return global_batches(n_groups, run.prompts_per_step, run.cfg.seed, shuffle_seed(r, pass_), min_size=run.world)
+
+
+def steps_per_pass(run: Run, n_groups: int) -> int:
+    return len(global_batches(n_groups, run.prompts_per_step, 0, 0, min_size=run.world))
+
+
+# ------------------------------------------------------------------ what a round holds
+
+
+@dataclass
+class Completion:
+    """A sampled response with the log-probs each method needs."""
+    token_ids: list[int]
+    logprobs: list[float]  # log pi_t(y_k | x, y_<k) per token: the sampler's, in training precision
+    finished: bool = True
+    ref_logprobs: list[float] | None = None  # per token under pi_ref (RFT, SRPPO)
+    advantage: float = 0.0  # set by policy-gradient methods before their step
+
+    @property
+    def logprob(self) -> float:
+        return float(sum(self.logprobs))
+
+
+@dataclass
+class Group:
+    """A prompt with its demonstration and its samples: the unit of every batch."""
+    example: Example
+    samples: list[Completion]
+    demonstration_logprob: float | None = None  # log pi_t(y^E | x)
+
+    @property
+    def completions(self) -> list[list[int]]:  # the demonstration first
+        return [self.example.completion_ids] + [s.token_ids for s in self.samples]
+
+    def __len__(self) -> int:  # the padded width of its batch rows
+        return len(self.example.prompt_ids) + max(map(len, self.completions))
+
+
+def samples_in(groups: list[Group]) -> int:
+    """The count pair losses are normalised by: (demonstration, sample) pairs, i.e. samples."""
+    return sum(len(g.samples) for g in groups)
+
+
+def groups_of(rows: list[dict], examples: list[Example]) -> list[Group]:
+    def completions(row: dict) -> list[Completion]:
+        refs = row.get("ref_token_logprobs") or [None] * len(row["samples"])
+        return [Completion(s["token_ids"], s["token_logprobs"], s["finished"], ref) for s, ref in zip(row["samples"], refs)]
+
+    return [Group(examples[row["example"]], completions(row), row.get("demonstration_logprob")) for row in rows]
+
+
+# ------------------------------------------------------------------------- sampling
+
+
+def round_policy(run: Run, state: dict, round_start: int) -> str:
+    """The fingerprint of the round's sampling policy pi_t: the policy now, or, when the run
+    resumed inside the round, the one its checkpoint recorded at the round's start."""
+    if state["step"] > round_start:
+        return state["round_policy"]
+    return weights_fingerprint(run.policy)
+
+
+def round_file(run: Run, r: int, name: str, policy: str, make: Callable[[], list[dict]]) -> list[dict]:
+    """The rows of ``rounds/<r>/<name>.jsonl``: read back if round ``r`` wrote them before
+    with the policy whose fingerprint is ``policy``, else ``make()`` (every process calls it)
+    and written atomically by the main process."""
+    path = run.output / "rounds" / str(r) / f"{name}.jsonl"
+    if path.exists():
+        rows = read_jsonl(path)
+        other = {row.get("policy") for row in rows} - {policy}
+        if other:
+            raise SftjuiceError(f"{path}: made by a policy ({other.pop()}) other than this run's pi_{r} ({policy}); "
+                                "the folder mixes runs (use --overwrite or another --output)")
+        return rows
+    rows = [{**row, "policy": policy} for row in make()]
+    if run.is_main:
+        write_jsonl(path, rows)
+    run.accelerator.wait_for_everyone()
+    return rows
+
+
+def sample_round(run: Run, r: int, indices: list[int], seed: int, policy: str, name: str = "generations",
+                 data: tuple[list[Example], list[Demonstration]] | None = None,
+                 annotate: Callable[[list[Example], list[list[Sample]]], list[dict]] | None = None,
+                 num_samples: int | None = None) -> list[dict]:
+    """Sample for the prompts ``indices`` (of ``data`` = (examples, demonstrations), by default
+    the run's) with the current policy pi_t (fingerprint ``policy``), add what
+    ``annotate(examples, samples)`` returns per prompt: the round's :func:`round_file`."""
+    cfg, chat = run.cfg, run.chat
+    examples, demos = data or (run.examples, run.demos)
+
+    def work(idx: list[int]) -> list[dict]:
+        chosen = [examples[i] for i in idx]
+        prompts = [e.prompt_ids for e in chosen]
+        samples = sample(run.policy, prompts, cfg, chat.stop_token_ids, run.tokenizer.pad_token_id, seed=seed,
+                         num_samples=num_samples, bf16=cfg.bf16, progress=run.is_main)
+        if cfg.generation_backend != "torch":  # another engine's precision: re-score in the training one
+            with run.accelerator.autocast():
+                rescored = token_logprobs_of(run.policy, run.tokenizer.pad_token_id, prompts,
+                                             [[s.token_ids for s in ss] for ss in samples])
+            samples = [[Sample(s.token_ids, lp, s.finished) for s, lp in zip(ss, lps)] for ss, lps in zip(samples, rescored)]
+        extra = annotate(chosen, samples) if annotate else [{} for _ in chosen]
+        return [{"example": i, "prompt": demos[e.index].prompt, "demonstration": demos[e.index].completion,
+                 "samples": [{"completion": chat.decode(s.token_ids), "token_ids": s.token_ids, "finished": s.finished,
+                              "token_logprobs": s.logprobs} for s in ss], **x}
+                for i, e, ss, x in zip(idx, chosen, samples, extra)]
+
+    return round_file(run, r, name, policy, lambda: run.map_sharded(indices, work))
+
+
+def sample_stats(rows: list[dict]) -> dict[str, float]:
+    """Per-round metrics of the samples: count, mean length, share cut at --max-new-tokens."""
+    samples = [s for row in rows for s in row["samples"]]
+    return {"samples": len(samples),
+            "sample_length_mean": sum(len(s["token_ids"]) for s in samples) / len(samples),
+            "sample_cut_fraction": sum(not s["finished"] for s in samples) / len(samples)}

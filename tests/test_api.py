@@ -1,0 +1,47 @@
+"""The Python API as the README shows it, and the per-method configs' checks."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from sftjuice.cli import main
+from sftjuice.config import IRFTConfig, RFTConfig, SFTConfig, SPINConfig, SftjuiceError
+
+from .conftest import REPO
+
+
+def test_the_readme_example_runs(tiny_model_dir, demo_file, tmp_path, monkeypatch):
+    """The README's Python block, run as written with the tiny model and data put in place."""
+    from transformers import AutoModelForCausalLM
+
+    block = re.search(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S).group(1)
+    code = block.replace('"runs/sft/final"', repr(str(tiny_model_dir))).replace('"demos.jsonl"', repr(str(demo_file)))
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    for out in ("runs/irft", "runs/irft-mem"):
+        assert (tmp_path / out / "final" / "config.json").exists()
+        AutoModelForCausalLM.from_pretrained(tmp_path / out / "final")
+    assert scope["final"] == tmp_path / "runs/irft-mem/final" or str(scope["final"]).endswith("runs/irft-mem/final")
+
+
+@pytest.mark.parametrize("cls", [SFTConfig, IRFTConfig, SPINConfig, RFTConfig])
+def test_every_method_runs_with_no_tuning_flags(cls):
+    cfg = cls(data="d.jsonl", output="o")
+    assert cfg.method in ("sft", "irft", "spin", "rft")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "sft", "--beta", "0.5"], "--beta is not used by --method sft; methods that take it: irft, spin, rft"),
+    (["--method", "spin", "--rounds", "3"], "--rounds is not used by --method spin; methods that take it: irft, rft"),
+    (["--method", "irft", "--top-p", "1.5"], "--top-p 1.5: must be > 0 and <= 1"),
+    (["--method", "rft", "--num-samples", "1"], "--num-samples 1: must be >= 2"),
+    (["--method", "irft", "--temperature", "-0.5"], "--temperature -0.5: must be >= 0"),
+])
+def test_train_options_are_checked_in_one_line(argv, message, capsys, tmp_path):
+    assert main(["train", *argv, "--data", "d.jsonl", "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"sftjuice train: error: {message}"
+    assert not (tmp_path / "o").exists()
