@@ -30,9 +30,10 @@ class SftjuiceError(Exception):
     """A problem the user can fix (bad input, bad option). Reported in one line, no traceback."""
 
 
-def _f(default, help: str, *, gt=None, ge=None, le=None, lt=None):
-    """A field with its help text and allowed range (``gt``/``ge``/``le``/``lt``)."""
-    meta = {"help": help, **{k: v for k, v in dict(gt=gt, ge=ge, le=le, lt=lt).items() if v is not None}}
+def _f(default, help: str, *, gt=None, ge=None, le=None, lt=None, alias: str | None = None):
+    """A field with its help text, allowed range (``gt``/``ge``/``le``/``lt``) and another flag
+    name (``alias``, e.g. the name a paper uses)."""
+    meta = {"help": help, **{k: v for k, v in dict(gt=gt, ge=ge, le=le, lt=lt, alias=alias).items() if v is not None}}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -256,9 +257,14 @@ def _field_names(cls) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
 
 
+def _aliases(cls) -> dict[str, str]:
+    """alias (as a field-like name) -> field name."""
+    return {f.metadata["alias"].replace("-", "_"): f.name for f in dataclasses.fields(cls) if "alias" in f.metadata}
+
+
 def _check_names(cls, names: list[str], source: str) -> None:
     """Every name must be a field of ``cls``; for training, one of another method's is named as such."""
-    known = _field_names(cls)
+    known = _field_names(cls) | set(_aliases(cls))
     for name in names:
         key = name.replace("-", "_")
         if key in known:
@@ -336,7 +342,8 @@ def _parser(cls, prog: str):
                                      argument_default=argparse.SUPPRESS)
     parser.add_argument("--config", help="YAML file with any of these options; flags win")
     for f in dataclasses.fields(cls):
-        names = [flag(f.name)] + ([f"--{f.name}"] if "_" in f.name else [])
+        names = [flag(f.name)] + ([f"--{f.name}"] if "_" in f.name else []) + (
+            [flag(f.metadata["alias"])] if "alias" in f.metadata else [])
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         kind = _types(cls)[f.name][0]
         extra = {"nargs": "?", "const": "true"} if kind is bool else {"nargs": "+"} if kind is list else {}
@@ -357,6 +364,7 @@ def parse_args(cls, argv: list[str], prog: str):
     raw = _read_yaml(Path(known.config)) if known.config else {}
     if cls is TrainConfig:
         cls = method_config(known.method or raw.get("method") or "sft")
+    raw = {_aliases(cls).get(k, k): v for k, v in raw.items()}
     parser = _parser(cls, prog)
     if "-h" in argv or "--help" in argv:
         parser.parse_args(["--help"])

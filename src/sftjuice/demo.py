@@ -16,7 +16,7 @@ import json
 import shutil
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 

@@ -40,39 +40,24 @@ mean on pi_t's samples; ``reward_*``: after the step) and an ``event`` "round"
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from pathlib import Path
 
-import torch
 
 from ..config import RFTConfig, SftjuiceError
-from ..data import Example
-from ..losses import kl_penalty, ppo_clip_loss, reward_pair_loss, rloo_advantages
+from ..losses import reward_pair_loss
 from ..models import is_peft, load_reward_model, load_tokenizer, resolve_model, reward_pad_id, save_reward_model
-from ..scoring import rewards_of, shared_logprobs, shared_rewards, token_logprobs_of
+from ..scoring import rewards_of, shared_rewards
 from ..training import Learner, Run, start_run, weights_fingerprint
 from . import rounds
-from .rounds import Completion, Group, groups_of, samples_in
+from .ppo import policy_micro_loss, reference_logprobs, rollout_advantages
+from .rounds import Group, groups_of, samples_in
 
 log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------ the two scorers
-
-
-def reference_logprobs(run: Run, ref):
-    """``annotate`` for :func:`rounds.sample_round`: per-token log pi_ref of each sample. pi_ref
-    is ``ref``, or with LoRA (``ref`` None) the policy with its adapter switched off."""
-    def annotate(examples: list[Example], samples) -> list[dict]:
-        adapter_off = run.policy.disable_adapter() if ref is None else contextlib.nullcontext()
-        with adapter_off, run.accelerator.autocast():  # the precision the policy samples and trains in
-            refs = token_logprobs_of(run.policy if ref is None else ref, run.tokenizer.pad_token_id,
-                                     [e.prompt_ids for e in examples], [[s.token_ids for s in ss] for ss in samples])
-        return [{"ref_token_logprobs": rr} for rr in refs]
-
-    return annotate
 
 
 def load_reward(run: Run, cfg: RFTConfig):
@@ -104,18 +89,6 @@ def pair_stats(prefix: str, demo: list[float], own: list[float], n: int) -> dict
 # ------------------------------------------------------------------------ the losses
 
 
-def rollout_advantages(samples: list[Completion], rewards: list[float], beta: float, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(advantages, kl)`` per sample: RLOO over each prompt's n samples of the learned
-    reward minus ``beta`` times the summed per-token KL of pi_t (the sampler) to pi_ref."""
-    pad = torch.nn.utils.rnn.pad_sequence
-    logps = pad([torch.tensor(x.logprobs) for x in samples], batch_first=True)
-    ref = pad([torch.tensor(x.ref_logprobs) for x in samples], batch_first=True)
-    mask = pad([torch.ones(len(x.logprobs)) for x in samples], batch_first=True)
-    kl = kl_penalty(logps, ref, mask)
-    advantages = rloo_advantages((torch.tensor(rewards) - beta * kl).view(-1, n)).flatten()
-    return advantages, kl
-
-
 def reward_micro_loss(reward: Learner, cfg: RFTConfig):
     def micro_loss(groups: list[Group]):
         # a prompt's demonstration and samples share it: it is computed once for all of them
@@ -127,20 +100,6 @@ def reward_micro_loss(reward: Learner, cfg: RFTConfig):
         margin = (chosen - rejected).detach()
         return loss.sum(), {"loss": loss.sum(), "accuracy": (margin > 0).float().sum(), "margin": margin.sum(),
                             "reward_chosen": chosen.detach().sum(), "reward_rejected": rejected.detach().sum()}
-
-    return micro_loss
-
-
-def policy_micro_loss(policy: Learner, cfg: RFTConfig):
-    def micro_loss(groups: list[Group]):
-        batch = policy.collate_shared([g.example.prompt_ids for g in groups], [s.token_ids for g in groups for s in g.samples])
-        logps = shared_logprobs(policy.model, batch).sum(-1)
-        samples = [s for g in groups for s in g.samples]
-        old = torch.tensor([s.logprob for s in samples], device=logps.device)
-        advantages = torch.tensor([s.advantage for s in samples], device=logps.device)
-        loss, clipped = ppo_clip_loss(logps, old, advantages, cfg.clip_range)
-        return loss.sum(), {"loss": loss.sum(), "clip_fraction": clipped.float().sum(),
-                            "log_ratio": (logps - old).detach().sum()}
 
     return micro_loss
 
@@ -166,7 +125,7 @@ def train(cfg: RFTConfig, model=None, tokenizer=None, data=None) -> Path:
                          pad_id=reward_pad_id(run.tokenizer, run.chat.stop_token_ids))
     ref = None if is_peft(run.policy) else run.frozen_copy()
     state = run.resume()  # "step" counts reward and policy updates
-    reward_loss, policy_loss = reward_micro_loss(reward, cfg), policy_micro_loss(policy, cfg)
+    reward_loss, policy_loss = reward_micro_loss(reward, cfg), policy_micro_loss(policy, cfg.clip_range)
     bar = run.progress(sum(s * (1 + cfg.policy_steps) for s in reward_steps), state["step"])
     rank = run.accelerator.process_index
     step = 0

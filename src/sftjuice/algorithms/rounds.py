@@ -138,21 +138,23 @@ def round_file(run: Run, r: int, name: str, policy: str, make: Callable[[], list
 def sample_round(run: Run, r: int, indices: list[int], seed: int, policy: str, name: str = "generations",
                  data: tuple[list[Example], list[Demonstration]] | None = None,
                  annotate: Callable[[list[Example], list[list[Sample]]], list[dict]] | None = None,
-                 num_samples: int | None = None) -> list[dict]:
+                 num_samples: int | None = None, model=None) -> list[dict]:
     """Sample for the prompts ``indices`` (of ``data`` = (examples, demonstrations), by default
-    the run's) with the current policy pi_t (fingerprint ``policy``), add what
-    ``annotate(examples, samples)`` returns per prompt: the round's :func:`round_file`."""
+    the run's) with ``model`` (default: the current policy, pi_t; ``policy`` is the
+    fingerprint of the policy the round belongs to), add what ``annotate(examples, samples)``
+    returns per prompt: the round's :func:`round_file`."""
     cfg, chat = run.cfg, run.chat
     examples, demos = data or (run.examples, run.demos)
+    model = model or run.policy
 
     def work(idx: list[int]) -> list[dict]:
         chosen = [examples[i] for i in idx]
         prompts = [e.prompt_ids for e in chosen]
-        samples = sample(run.policy, prompts, cfg, chat.stop_token_ids, run.tokenizer.pad_token_id, seed=seed,
+        samples = sample(model, prompts, cfg, chat.stop_token_ids, run.tokenizer.pad_token_id, seed=seed,
                          num_samples=num_samples, bf16=cfg.bf16, progress=run.is_main)
         if cfg.generation_backend != "torch":  # another engine's precision: re-score in the training one
             with run.accelerator.autocast():
-                rescored = token_logprobs_of(run.policy, run.tokenizer.pad_token_id, prompts,
+                rescored = token_logprobs_of(model, run.tokenizer.pad_token_id, prompts,
                                              [[s.token_ids for s in ss] for ss in samples])
             samples = [[Sample(s.token_ids, lp, s.finished) for s, lp in zip(ss, lps)] for ss, lps in zip(samples, rescored)]
         extra = annotate(chosen, samples) if annotate else [{} for _ in chosen]
