@@ -5,6 +5,7 @@ folder; the command line end to end; bad pairs rows."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -14,8 +15,9 @@ from sftjuice.cli import main
 from sftjuice.config import EvalConfig, SamplingConfig, SFTConfig
 from sftjuice.data import CHATML_TEMPLATE, ChatFormat, DataError, load_demonstrations
 from sftjuice.evaluation import (Response, RewardJudge, WinRate, accuracy, compare, load_pairs, mean_interval,
-                                 proportion, run_eval, verify)
+                                 proportion, run_eval)
 from sftjuice.generation import sample
+from sftjuice.verifiers import exact
 
 from .conftest import run_cli, sort_rows, write_jsonl
 
@@ -59,7 +61,7 @@ def policy(tiny_model_dir):
     ],
 )
 def test_verifier_hand_cases(response, answer, expected):
-    assert verify(response, answer) is expected
+    assert exact("", response, answer) == float(expected)
 
 
 @pytest.mark.parametrize(
@@ -276,7 +278,7 @@ def test_cli_verifier_with_a_baseline_end_to_end(tiny_model_dir, tmp_path):
         correct = [r[role]["score"] for r in records]
         assert ev[role]["accuracy"]["mean"] == sum(correct) / 8 and ev[role]["accuracy"]["n"] == 8
         assert all(len(r[role]["responses"]) == 1 for r in records)
-    assert [r["model"]["score"] for r in records] == [float(verify(r["model"]["responses"][0], r["reference"])) for r in records]
+    assert [r["model"]["score"] for r in records] == [exact("", r["model"]["responses"][0], r["reference"]) for r in records]
     outcomes = [r["outcome"] for r in records]
     win = ev["win_rate"]
     assert (win["wins"], win["ties"], win["losses"]) == tuple(outcomes.count(o) for o in ("win", "tie", "loss"))
@@ -287,3 +289,55 @@ def test_cli_verifier_with_a_baseline_end_to_end(tiny_model_dir, tmp_path):
         assert win["rate"] == vars(proportion(win["wins"], win["wins"] + win["losses"]))
     md = (out / "eval.md").read_text()
     assert md.startswith("# sftjuice eval: --judge verifier on 8 prompts") and f"| baseline: {responses} |" in md
+
+
+def test_cut_file_responses_are_scored_without_an_end_of_turn_token(reward_dir, tokenizer, tmp_path):
+    """A response cut at the length limit never had an end-of-turn token; re-rendered from its
+    text (e.g. a `sftjuice generate` file, which records "finished"), it must not get one."""
+    from transformers import AutoModelForSequenceClassification
+
+    from sftjuice.evaluation import read_responses
+
+    rm = AutoModelForSequenceClassification.from_pretrained(reward_dir).eval()
+    chat = ChatFormat(tokenizer, [tokenizer.eos_token_id])
+    data = write_jsonl(tmp_path / "d.jsonl", sort_rows(2))
+    demos = load_demonstrations(data)
+    rows = [{"prompt": d.prompt, "completion": "1, 2, 3", "finished": finished} for d, finished in zip(demos, (True, False))]
+    responses = read_responses(write_jsonl(tmp_path / "r.jsonl", rows), demos)
+    assert [r[0].finished for r in responses] == [True, False]
+    [[finished], [cut]] = RewardJudge(str(reward_dir), batch_size=2).score(demos, responses, chat)
+    ids = [chat.completion_ids(d.prompt, "1, 2, 3") for d in demos]
+    assert ids[1][-1] == tokenizer.eos_token_id
+    with torch.no_grad():
+        direct = lambda p, c: rm(torch.tensor([chat.prompt_ids(p) + c])).logits[0, 0].item()  # noqa: E731
+        assert finished == pytest.approx(direct(demos[0].prompt, ids[0]), abs=1e-5)
+        assert cut == pytest.approx(direct(demos[1].prompt, ids[1][:-1]), abs=1e-5)
+
+
+def test_a_tokenizer_without_chat_template_needs_one_chosen(tiny_model_dir, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_model_dir, bare)
+    tok = AutoTokenizer.from_pretrained(bare)
+    tok.chat_template = None
+    tok.save_pretrained(bare)
+    (bare / "chat_template.jinja").unlink(missing_ok=True)
+    data = write_jsonl(tmp_path / "d.jsonl", sort_rows(4))
+    args = ["eval", "--model", str(bare), "--data", str(data), "--output", str(tmp_path / "o"), "--max-new-tokens", "4"]
+    assert main(args) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        "the tokenizer has no chat template; choose one with --chat-template chatml (or a Jinja file): it is saved with the trained model")
+    assert main(args + ["--chat-template", "chatml"]) == 0
+
+
+def test_the_verifier_ignores_case_and_reads_thousands_separators(tiny_model_dir, tmp_path):
+    rows = [{"prompt": "Round 49,731 to the nearest thousand.", "completion": "50000"},
+            {"prompt": "Is 3 > 2? Answer True or False.", "completion": "True"}]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    responses = write_jsonl(tmp_path / "r.jsonl", [{"prompt": rows[0]["prompt"], "completion": "Answer: 50,000."},
+                                                   {"prompt": rows[1]["prompt"], "completion": "TRUE"}])
+    assert main(["eval", "--model", str(tiny_model_dir), "--data", str(data), "--responses", str(responses),
+                 "--output", str(tmp_path / "o")]) == 0
+    result = json.loads((tmp_path / "o" / "eval.json").read_text())
+    assert result["model"]["accuracy"]["mean"] == 1.0

@@ -54,7 +54,8 @@ def test_token_picker_draws_from_the_tempered_top_p_distribution(temperature, to
         probs = torch.where(keep, probs, 0.0)
         probs = probs / probs.sum(-1, keepdim=True)
     generator = torch.Generator().manual_seed(0)
-    draws = torch.stack([_pick(logits, temperature, top_p, generator) for _ in range(20_000)])
+    draws = torch.stack([_pick(logits, temperature, top_p, torch.rand((2, 1), generator=generator, dtype=torch.float64))
+                         for _ in range(20_000)])
     for row in range(2):
         freq = torch.bincount(draws[:, row], minlength=5).double() / len(draws)
         sigma = (probs[row].double() * (1 - probs[row].double()) / len(draws)).sqrt()

@@ -106,6 +106,30 @@ def test_rft_options_come_from_the_config_file_and_are_checked(tmp_path):
     assert RFTConfig().num_samples == 2  # runs with no flags
 
 
+def test_ties_are_ties_and_identical_pairs_carry_no_loss(tiny_model_dir, tmp_path):
+    """A sample identical to its demonstration is no negative: it adds nothing to the reward
+    loss nor to its normaliser, and is counted apart; a tied score is not an error."""
+    from sftjuice.algorithms.rounds import Group, samples_in
+    from sftjuice.models import reward_pad_id
+    from sftjuice.training import start_run
+
+    assert rft.pair_stats("r", [1.0, 2.0], [0.5, 1.0, 2.0, 3.0], n=2) == {
+        "r_accuracy": 1 / 2, "r_ties": 2, "r_margin": (0.5 + 0.0 + 0.0 - 1.0) / 4}
+    data = write_jsonl(tmp_path / "demos.jsonl", sort_rows(4))
+    cfg = RFTConfig(model=str(tiny_model_dir), data=str(data), output=str(tmp_path / "o"))
+    run = start_run(cfg)
+    reward = run.learner(rft.load_reward(run, cfg), 1e-3, 1, pad_id=reward_pad_id(run.tokenizer, run.chat.stop_token_ids))
+    loss = rft.reward_micro_loss(reward, cfg)
+    e = run.examples[0]
+    other = Completion([216, 34, 2], [-1.0] * 3)
+    with_copy = [Group(e, [Completion(list(e.completion_ids), [-1.0] * len(e.completion_ids)), other])]
+    alone = [Group(e, [other, other])]
+    (l_copy, s_copy), (l_alone, _) = loss(with_copy), loss(alone)
+    assert l_copy.item() == pytest.approx(l_alone.item() / 2, rel=1e-5)  # one distinct pair of the two
+    assert (rft.distinct_pairs(with_copy), samples_in(with_copy)) == (1, 2)
+    assert s_copy["ties"].item() == 0 and s_copy["wins"].item() in (0.0, 1.0)
+
+
 # -------------------------------------------------------------------- on tiny models
 
 COMMON = ["--seed", "4", "--max-new-tokens", "12", "--per-device-batch-size", "4", "--lr-scheduler", "constant",
@@ -152,7 +176,9 @@ def test_saved_reward_model_reloads_with_transformers_and_gives_the_same_scores(
     # the last round's record scored these pairs after its reward step, with the same weights
     [last] = [m for m in read_metrics(reward_run) if m.get("event") == "reward" and m["round"] == 5]
     assert sum(margins) / len(margins) == pytest.approx(last["reward_margin"], abs=1e-4)
-    assert sum(m > 0 for m in margins) / len(margins) == last["reward_accuracy"]
+    decided = [m for m in margins if abs(m) > 1e-6]
+    assert sum(m > 0 for m in decided) / len(decided) == pytest.approx(last["reward_accuracy"])
+    assert len(margins) - len(decided) == last["reward_ties"]
 
     ours = [x[0] for x in rewards_of(load_reward_model(reward_run / "reward_model"), [p for p, _, _ in pairs],
                                      singletons([s for _, _, s in pairs]))]

@@ -181,3 +181,18 @@ def test_real_default_model_loads_and_answers(default_model_dir):
     text = chat.decode(s.token_ids)
     assert "5" in text and s.finished, text
     assert sum(p.numel() for p in model.parameters()) == 134_515_008
+
+
+def test_report_to_tensorboard_writes_the_numbers_of_metrics_jsonl(tiny_model_dir, demo_file, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "o"
+    run_cli("train", "--model", tiny_model_dir, "--data", demo_file, "--output", out, *TRAIN, "--report-to", "tensorboard")
+    assert list((out / "sftjuice").glob("events.out.tfevents.*"))  # real event files (the config in a subfolder)
+    acc = EventAccumulator(str(out / "sftjuice"))
+    acc.Reload()
+    logged = [(e.step, e.value) for e in acc.Scalars("train/loss")]
+    expected = [(m["step"], m["loss"]) for m in read_metrics(out)]
+    assert [s for s, _ in logged] == [s for s, _ in expected] and len(expected) == 6
+    for (_, a), (_, b) in zip(logged, expected):
+        assert a == pytest.approx(b, rel=1e-6)

@@ -80,6 +80,7 @@ class ModelConfig(Checked):
     lora_alpha: int = _f(32, "LoRA alpha (scale = alpha / r)", gt=0)
     lora_dropout: float = _f(0.05, "LoRA dropout", ge=0, lt=1)
     lora_target_modules: list[str] = _f(["all-linear"], "module names LoRA adapts ('all-linear' = every linear layer but the head)")
+    chat_template: str | None = _f(None, "for a tokenizer without a chat template: 'chatml' or a Jinja file (saved with the trained model)")
     bf16: bool = _f(False, "bf16 autocast for forward/backward (fp32 master weights); generation in bf16 too")
     seed: int = _f(0, "random seed (data order, sampling, initialisation)", ge=0)
 
@@ -125,6 +126,8 @@ class TrainConfig(ModelConfig, DataConfig):
     overwrite: bool = _f(False, "delete what --output holds and start afresh")
     merge_lora: bool = _f(False, "with --lora: also write the merged model to OUTPUT/merged/")
     log_every: int = _f(1, "append metrics every N optimiser steps", ge=1)
+    report_to: Literal["none", "tensorboard", "wandb"] = _f(
+        "none", "also log metrics.jsonl's numbers through accelerate's tracker (TensorBoard: OUTPUT/sftjuice/; W&B: honours WANDB_MODE)")
 
     def check(self) -> None:
         if self.resume and self.overwrite:
@@ -239,6 +242,7 @@ class RewardScoreConfig(DataConfig):
 class EvalConfig(ModelConfig, SamplingConfig):
     judge: str = _f("verifier", "verifier (final-answer match), loglik (reference log-prob per token), "
                     "gap (log-prob gap on --pairs), or a reward-model directory")
+    verifier: str | None = _f(None, "--judge verifier: a built-in verifier (exact, steps) or module:function; default exact")
     data: str | None = _f(None, "prompts with references (an 'answer' field, else the completion): JSONL / JSON / datasets dir")
     baseline: str | None = _f(None, "a second model judged on the same prompts; the win rate is --model's over it")
     output: str | None = _f(None, "directory for eval.json and eval.md (and gap.png)")

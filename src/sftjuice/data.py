@@ -369,13 +369,24 @@ class Example:
         return len(self.prompt_ids) + len(self.completion_ids)
 
 
+def _read_template(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"--chat-template {path}: {getattr(e, 'strerror', None) or e}") from None
+
+
 class ChatFormat:
     """Renders chats with one tokenizer the same way for training, generation and evaluation."""
 
-    def __init__(self, tokenizer, stop_token_ids: list[int] | None = None):
+    def __init__(self, tokenizer, stop_token_ids: list[int] | None = None, template: str | None = None):
+        """``template``: 'chatml' or a Jinja file, for a tokenizer that has no chat template
+        (it is then saved with the trained model); a tokenizer without one needs it."""
+        if template is not None:
+            tokenizer.chat_template = CHATML_TEMPLATE if template == "chatml" else _read_template(template)
         if tokenizer.chat_template is None:
-            log.warning("tokenizer has no chat template; using ChatML (saved with the model)")
-            tokenizer.chat_template = CHATML_TEMPLATE
+            raise DataError(f"{tokenizer.name_or_path}: the tokenizer has no chat template; choose one with "
+                            "--chat-template chatml (or a Jinja file): it is saved with the trained model")
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.tokenizer = tokenizer
@@ -389,8 +400,13 @@ class ChatFormat:
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
         return list(ids)
 
-    def completion_ids(self, messages: list[dict], completion: str) -> list[int]:
-        """The tokens the model should generate after the prompt, ending with its stop token."""
+    def completion_ids(self, messages: list[dict], completion: str, finished: bool = True) -> list[int]:
+        """The tokens the model should generate after the prompt, ending with its stop token;
+        a response cut at the length limit (``finished`` False) has none."""
+        ids = self._turn_ids(messages, completion)
+        return ids if finished else [t for t in ids if t not in self.stop_token_ids]
+
+    def _turn_ids(self, messages: list[dict], completion: str) -> list[int]:
         tok = self.tokenizer
         prompt_text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         full_text = tok.apply_chat_template(messages + [{"role": "assistant", "content": completion}], tokenize=False)

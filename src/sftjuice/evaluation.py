@@ -7,53 +7,21 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 from dataclasses import dataclass, fields
-from fractions import Fraction
 from functools import partial
 from pathlib import Path
 
 from .config import ModelConfig, RewardScoreConfig, SamplingConfig, SftjuiceError, require
-from .data import ChatFormat, DataError, Demonstration, _check_messages, _text_of, load_demonstrations, load_rows
+from .data import ChatFormat, DataError, Demonstration, _check_messages, _check_prompt, _text_of, load_demonstrations, load_rows
 from .generation import sample
 from .models import load_policy, load_reward_model, load_tokenizer, resolve_model, stop_token_ids
 from .report import markdown_table, plot_lines, text_table, write_json
 from .scoring import rewards_of, sequence_logprobs_of, singletons
 from .storage import atomic_write_text, write_jsonl
+from . import verifiers
+from .verifiers import load_verifier
 
 log = logging.getLogger(__name__)
-
-
-# ------------------------------------------------------------------------ verifier
-
-
-def _number(text: str) -> Fraction | None:
-    try:
-        return Fraction(text.replace(" ", ""))
-    except (ValueError, ZeroDivisionError):
-        return None
-
-
-def final_answer(text: str) -> str:
-    """The last non-empty line, without an "answer is"/"answer:" lead-in or a final period."""
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    last = lines[-1] if lines else ""
-    last = re.split(r"(?i)answer(?: is)?\s*:?", last)[-1]
-    return re.sub(r"\s+", " ", last).strip().rstrip(".").strip()
-
-
-def _same(got: str, want: str) -> bool:
-    if got == want:
-        return True
-    a, b = _number(got), _number(want)
-    return a is not None and a == b
-
-
-def verify(response: str, answer: str) -> bool:
-    """Exact or numeric (``0.50`` = ``1/2``) match of the final answer, item by item for
-    comma-separated lists."""
-    got, want = final_answer(response).split(","), final_answer(answer).split(",")
-    return len(got) == len(want) and all(_same(g.strip(), w.strip()) for g, w in zip(got, want))
 
 
 # ---------------------------------------------------------------------- statistics
@@ -142,14 +110,15 @@ def logprob_gaps(model, chat: ChatFormat, prompts: list[list[dict]], chosen: lis
     return [c - r for c, r in logprob_pairs(model, chat, prompts, chosen, rejected, batch_size)]
 
 
-def evaluate_model(model_dir, demos: list[Demonstration], max_new_tokens: int) -> dict:
+def evaluate_model(model_dir, demos: list[Demonstration], max_new_tokens: int, verifier_name: str | None = None) -> dict:
     """What the demo and the benchmarks report for one model on held-out demonstrations:
     greedy accuracy by the verifier, the per-token log-likelihood of the reference answers,
     and the log-prob gap between each reference answer and a wrong one (the next held-out
     question's answer), the paper's measure of what separates good responses from bad."""
     model, chat = load_judged(model_dir, ModelConfig())
     responses = greedy_responses(model, chat, demos, max_new_tokens)
-    correct = [verify(r, reference_answer(d)) for r, d in zip(responses, demos)]
+    verifier = load_verifier(verifier_name)
+    correct = [verifier(question(d), r, reference_answer(d)) >= 0.5 for r, d in zip(responses, demos)]
     wrong = [demos[(i + 1) % len(demos)].completion for i in range(len(demos))]
     pairs = logprob_pairs(model, chat, [d.prompt for d in demos], [d.completion for d in demos], wrong)
     lengths = [len(chat.completion_ids(d.prompt, d.completion)) for d in demos]
@@ -174,6 +143,7 @@ class Pair:
 class Response:
     text: str
     token_ids: list[int] | None = None  # as the policy sampled them; None when read from a file
+    finished: bool = True  # False: cut at the length limit, so re-rendered without an end-of-turn token
 
 
 def _prompt_of(row: dict) -> list[dict]:
@@ -185,7 +155,7 @@ def _prompt_of(row: dict) -> list[dict]:
         if not p.strip():
             raise ValueError("prompt", "empty")
         return [{"role": "user", "content": p}]
-    return _check_messages(p, "prompt")
+    return _check_prompt(_check_messages(p, "prompt"), "prompt")
 
 
 def parse_pair(row, source: str) -> Pair:
@@ -203,12 +173,14 @@ def parse_pair(row, source: str) -> Pair:
     return Pair(prompt, texts[0], texts[1], source)
 
 
-def _parse_response(row, source: str) -> tuple[list[dict], str]:
+def _parse_response(row, source: str) -> tuple[list[dict], Response]:
     if not isinstance(row, dict):
         raise ValueError("<row>", f"expected a JSON object, got {type(row).__name__}")
     if not isinstance(row.get("completion"), str):  # may be empty: a model can answer with nothing
         raise ValueError("completion", "missing or not a string")
-    return _prompt_of(row), row["completion"]
+    if not isinstance(row.get("finished", True), bool):  # sftjuice generate writes it
+        raise ValueError("finished", "expected true or false")
+    return _prompt_of(row), Response(row["completion"], finished=row.get("finished", True))
 
 
 def load_pairs(path, skip_invalid: bool = False) -> list[Pair]:
@@ -223,8 +195,8 @@ def read_responses(path, demos: list[Demonstration]) -> list[list[Response]]:
     """Responses generated elsewhere: prompt/completion rows (``sftjuice generate`` writes
     them), matched to ``demos`` by prompt; all rows of one prompt are its samples."""
     by_prompt: dict[str, list[Response]] = {}
-    for prompt, text in load_rows(path, _parse_response, skip_invalid=False):
-        by_prompt.setdefault(_key(prompt), []).append(Response(text))
+    for prompt, response in load_rows(path, _parse_response, skip_invalid=False):
+        by_prompt.setdefault(_key(prompt), []).append(response)
     missing = [d.source for d in demos if _key(d.prompt) not in by_prompt]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -236,12 +208,16 @@ def read_responses(path, demos: list[Demonstration]) -> list[list[Response]]:
 
 
 def reference_answer(d: Demonstration) -> str:
-    """What the verifier checks against: the row's ``answer`` field, else its completion."""
-    if "answer" in d.extra:
-        return str(d.extra["answer"])
-    if d.completion is None:
-        raise DataError(f"{d.source}: field 'answer': the verifier needs an 'answer' field or a completion")
-    return d.completion
+    """What the verifier checks against: the row's ``answer`` field, else its demonstration's final answer."""
+    try:
+        return verifiers.reference_answer(d.extra, d.completion)
+    except SftjuiceError:
+        raise DataError(f"{d.source}: field 'answer': the verifier needs an 'answer' field or a completion") from None
+
+
+def question(d: Demonstration) -> str:
+    """The prompt text a verifier sees: the last user message."""
+    return next((m["content"] for m in reversed(d.prompt) if m["role"] == "user"), "")
 
 
 def same_tokenizer(a, b) -> bool:
@@ -278,7 +254,7 @@ class RewardJudge:
             for r in rs:
                 prompts.append(p)
                 sampled = use_policy and r.token_ids is not None
-                completions.append(r.token_ids if sampled else chat.completion_ids(d.prompt, r.text))
+                completions.append(r.token_ids if sampled else chat.completion_ids(d.prompt, r.text, r.finished))
         flat = iter(x[0] for x in rewards_of(self.model, prompts, singletons(completions), self.batch_size))
         return [[next(flat) for _ in rs] for rs in responses]
 
@@ -287,13 +263,13 @@ def load_judged(name, cfg: ModelConfig):
     """A policy to judge, in eval mode, with its chat format."""
     path = resolve_model(str(name))
     model = load_policy(cfg, path, trainable=False)
-    return model, ChatFormat(load_tokenizer(path), stop_token_ids(model))
+    return model, ChatFormat(load_tokenizer(path), stop_token_ids(model), cfg.chat_template)
 
 
 def sampled_responses(model, chat: ChatFormat, demos: list[Demonstration], cfg) -> list[list[Response]]:
     prompts = [chat.prompt_ids(d.prompt) for d in demos]
     out = sample(model, prompts, cfg, chat.stop_token_ids, chat.tokenizer.pad_token_id, seed=cfg.seed, bf16=cfg.bf16)
-    return [[Response(chat.decode(s.token_ids), s.token_ids) for s in ss] for ss in out]
+    return [[Response(chat.decode(s.token_ids), s.token_ids, s.finished) for s in ss] for ss in out]
 
 
 def judge_model(cfg, name: str | None, responses_file: str | None, demos: list[Demonstration],
@@ -312,9 +288,10 @@ def judge_model(cfg, name: str | None, responses_file: str | None, demos: list[D
         responses = sampled_responses(model, chat, demos, cfg)
     texts = [[r.text for r in rs] for rs in responses]
     if reward is None:
-        return texts, [[float(verify(t, ref)) for t in ts] for ts, ref in zip(texts, references)]
+        verifier = load_verifier(cfg.verifier)
+        return texts, [[float(verifier(question(d), t, ref)) for t in ts] for d, ts, ref in zip(demos, texts, references)]
     if chat is None and reward.chat is None:  # file responses, and only the policy's template renders them
-        chat = ChatFormat(load_tokenizer(resolve_model(name or cfg.model)))
+        chat = ChatFormat(load_tokenizer(resolve_model(name or cfg.model)), template=cfg.chat_template)
     return texts, reward.score(demos, responses, chat)
 
 
@@ -462,7 +439,7 @@ def load_checkpoint_policy(checkpoint: Path, start: Path, run_cfg: ModelConfig, 
         raise SftjuiceError(f"{checkpoint}: the weights do not fit the run's starting model {start} "
                             f"(missing {untied[:3]}, unexpected {unexpected[:3]})")
     model.eval()
-    return model, ChatFormat(load_tokenizer(start), stop_token_ids(model))
+    return model, ChatFormat(load_tokenizer(start), stop_token_ids(model), run_cfg.chat_template)
 
 
 def policies(name: str, cfg: ModelConfig) -> list[tuple[str, int | None, object]]:

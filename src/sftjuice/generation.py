@@ -9,6 +9,7 @@ needs for its negatives, with no second forward pass.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 from pathlib import Path
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from .config import SamplingConfig, SftjuiceError
-from .models import is_peft
+from .models import is_peft, with_cache
 
 
 @dataclass
@@ -32,7 +33,14 @@ class Sample:
         return float(sum(self.logprobs))
 
 
-def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
+def derive_seed(*parts) -> int:
+    """A seed named by its parts (e.g. the run's seed, "samples", round, prompt): every random
+    stream gets its own, and none depends on how work is split over processes or batches."""
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_p: float, u: torch.Tensor) -> torch.Tensor:
+    """The next token of each row, from ``u`` ``[B, 1]`` uniforms in [0, 1) (float64)."""
     if temperature == 0:
         return logits.argmax(-1)
     scaled = logits / temperature if temperature != 1.0 else logits
@@ -46,15 +54,17 @@ def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator: tor
     # inverse-CDF sampling: one uniform per row (torch.multinomial draws one exponential per
     # vocabulary entry, 13% of sampling time here); float64 so the CDF's rounding is negligible
     cdf = scaled.softmax(-1).double().cumsum(-1)
-    u = torch.rand((cdf.shape[0], 1), generator=generator, dtype=torch.float64, device=cdf.device) * cdf[:, -1:]
+    u = u.to(cdf.device) * cdf[:, -1:]
     # right=True: the first token whose CDF exceeds u, never a token of probability 0
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
 
 
 @torch.inference_mode()
-def _sample_batch(model, prompts, n, cfg, stop_ids, pad_id, generator, autocast) -> list[Sample]:
+def _sample_batch(model, prompts, seeds, n, cfg, stop_ids, pad_id, autocast) -> list[Sample]:
     """``n`` samples of each prompt, prompt-major. Each prompt is prefilled once; its keys
-    and values are then repeated for its ``n`` rows."""
+    and values are then repeated for its ``n`` rows. Row k of prompt i draws its tokens from
+    its own generator, seeded ``derive_seed(seeds[i], k)``, so a sample does not depend on
+    the prompts it shares a batch with."""
     device = next(model.parameters()).device
     B, P = len(prompts), max(len(p) for p in prompts)
     input_ids = torch.full((B, P), pad_id, dtype=torch.long, device=device)
@@ -66,7 +76,7 @@ def _sample_batch(model, prompts, n, cfg, stop_ids, pad_id, generator, autocast)
     cache = DynamicCache()
     with autocast:
         out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                    past_key_values=cache, use_cache=True, logits_to_keep=1)
+                    use_cache=True, logits_to_keep=1, **with_cache(model, cache))
     cache.batch_repeat_interleave(n)
     logits = out.logits[:, -1].float().repeat_interleave(n, dim=0)
     mask, step_pos = mask.repeat_interleave(n, dim=0), positions[:, -1:].repeat_interleave(n, dim=0)
@@ -75,8 +85,11 @@ def _sample_batch(model, prompts, n, cfg, stop_ids, pad_id, generator, autocast)
     logps = [[] for _ in range(B * n)]
     finished = [False] * (B * n)
     alive = torch.arange(B * n, device=device)  # rows still generating, in cache order
+    generators = [torch.Generator().manual_seed(derive_seed(s, k)) for s in seeds for k in range(n)]
     for t in range(cfg.max_new_tokens):
-        nxt = _pick(logits, cfg.temperature, cfg.top_p, generator)
+        u = None if cfg.temperature == 0 else torch.cat(
+            [torch.rand((1, 1), generator=generators[row], dtype=torch.float64) for row in alive.tolist()])
+        nxt = _pick(logits, cfg.temperature, cfg.top_p, u)
         lp = logits.log_softmax(-1).gather(-1, nxt[:, None]).squeeze(-1)
         done = torch.isin(nxt, stops)
         for j, row in enumerate(alive.tolist()):
@@ -93,7 +106,7 @@ def _sample_batch(model, prompts, n, cfg, stop_ids, pad_id, generator, autocast)
         mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
         with autocast:
             out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=step_pos,
-                        past_key_values=cache, use_cache=True)
+                        use_cache=True, **with_cache(model, cache))
         logits = out.logits[:, -1].float()
     return [Sample(t, l, f) for t, l, f in zip(tokens, logps, finished)]
 
@@ -104,22 +117,23 @@ def sample(
     cfg: SamplingConfig,
     stop_ids: list[int],
     pad_id: int,
-    seed: int,
+    seed: int | list[int],
     num_samples: int | None = None,
     bf16: bool = False,
     progress: bool = True,
 ) -> list[list[Sample]]:
     """``num_samples`` responses for each tokenised prompt, as ``result[prompt][k]``.
 
+    ``seed``: one per prompt, or one for all (prompt i then gets ``derive_seed(seed, i)``).
     Prompts are grouped by length (less padding) and decoded ``generation_batch_size`` rows
     at a time with a KV cache, each prompt computed once for its ``num_samples`` rows; a row
     leaves the batch at its stop token."""
     n = num_samples or cfg.num_samples
+    seeds = seed if isinstance(seed, list) else [derive_seed(seed, i) for i in range(len(prompts))]
     if use_vllm(cfg):
-        return _sample_vllm(model, prompts, cfg, stop_ids, seed, n)
+        return _sample_vllm(model, prompts, cfg, stop_ids, seeds[0] if seeds else 0, n)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     per_batch = max(1, cfg.generation_batch_size // n)  # prompts per batch, n rows each
-    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     autocast = torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     was_training = model.training
     model.eval()
@@ -128,7 +142,8 @@ def sample(
     try:
         for start in range(0, len(order), per_batch):
             chunk = order[start: start + per_batch]
-            samples = _sample_batch(model, [prompts[i] for i in chunk], n, cfg, stop_ids, pad_id, generator, autocast)
+            samples = _sample_batch(model, [prompts[i] for i in chunk], [seeds[i] for i in chunk], n, cfg, stop_ids,
+                                    pad_id, autocast)
             for j, i in enumerate(chunk):
                 result[i] = samples[j * n: (j + 1) * n]
             bar.update(len(chunk) * n)
@@ -139,12 +154,13 @@ def sample(
 
 
 def use_vllm(cfg: SamplingConfig) -> bool:
-    """The generation backend seam: vLLM when asked for, or on ``auto`` when it is installed
-    and a GPU is present; otherwise the in-process sampler above."""
-    available = importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
-    if cfg.generation_backend == "vllm" and not available:
+    """The generation backend seam: vLLM only when asked for (that path has not run in a
+    test: no GPU here); otherwise the in-process sampler above."""
+    if cfg.generation_backend != "vllm":
+        return False
+    if importlib.util.find_spec("vllm") is None or not torch.cuda.is_available():
         raise SftjuiceError("--generation-backend vllm needs the vllm package and a CUDA GPU")
-    return cfg.generation_backend == "vllm" or (cfg.generation_backend == "auto" and available)
+    return True
 
 
 def _vllm_weights(model):
@@ -202,7 +218,7 @@ def generate_file(cfg) -> Path:
     path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(path)
     model = load_policy(cfg, path, trainable=False)
-    chat = ChatFormat(tokenizer, stop_token_ids(model))
+    chat = ChatFormat(tokenizer, stop_token_ids(model), cfg.chat_template)
     examples = chat.encode(demos, cfg.max_prompt_length, cfg.max_length, cfg.skip_invalid)
     results = sample(model, [e.prompt_ids for e in examples], cfg, chat.stop_token_ids,
                      tokenizer.pad_token_id, seed=cfg.seed, bf16=cfg.bf16)

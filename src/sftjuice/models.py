@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import inspect
 import json
 import logging
 import os
@@ -141,6 +142,20 @@ def stop_token_ids(model) -> list[int]:
 
 def is_peft(model) -> bool:
     return hasattr(model, "peft_config")
+
+
+def with_cache(model, cache) -> dict:
+    """The keyword that passes a KV cache to ``model``: transformers 5 renamed
+    ``past_key_values`` to ``cache`` (the old name warns, and goes in 5.40); older 5.x
+    releases only know the old one."""
+    inner = getattr(model, "module", model)  # DDP
+    inner = inner.get_base_model() if is_peft(inner) else inner
+    return {"cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values": cache}
+
+
+def cache_of(output):
+    """The KV cache a forward pass returned, under either name."""
+    return output["cache"] if "cache" in output else output["past_key_values"]
 
 
 def save_model(model, tokenizer, out: Path, merge_lora: bool = False) -> None:

@@ -16,6 +16,7 @@ import torch
 
 from .data import collate_shared
 from .losses import token_logprobs
+from .models import cache_of, with_cache
 
 
 def completion_logprobs(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -35,12 +36,12 @@ def _shared_forward(model, batch: dict[str, torch.Tensor], **head) -> tuple:
     C = batch["completion_ids"].shape[1]
     first = model(input_ids=batch["prompt_ids"], attention_mask=prompt_mask, position_ids=batch["prompt_positions"],
                   use_cache=True, **head.get("prompt", {}))
-    cache = first.past_key_values
+    cache = cache_of(first)
     cache.batch_repeat_interleave(k)
     mask = torch.cat([prompt_mask.repeat_interleave(k, dim=0), batch["completion_mask"].long()], dim=1)
     start = batch["prompt_positions"][:, -1:].repeat_interleave(k, dim=0) + 1
     rest = model(input_ids=batch["completion_ids"], attention_mask=mask, position_ids=start + torch.arange(C, device=start.device),
-                 past_key_values=cache, use_cache=True, **head.get("completion", {}))
+                 use_cache=True, **with_cache(model, cache), **head.get("completion", {}))
     return first, rest, k
 
 

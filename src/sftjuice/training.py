@@ -89,7 +89,9 @@ class Learner:
         mine = global_batch[acc.process_index:: run.world]
         if length is not None:
             mine = sorted(mine, key=length)
-        total = acc.reduce(torch.tensor(float(weight(mine)), device=acc.device), "sum").item()
+        # a global batch with nothing to count (e.g. only samples identical to their
+        # demonstration) has a zero loss; any positive divisor then gives the same update
+        total = max(acc.reduce(torch.tensor(float(weight(mine)), device=acc.device), "sum").item(), 1.0)
         micro = chunks(mine, run.cfg.per_device_batch_size)
         sums: dict[str, torch.Tensor] = {}
         for i, items in enumerate(micro):
@@ -212,8 +214,15 @@ class Run:
         return [result for _, result in sorted(everything, key=lambda pair: pair[0])]
 
     def log_metrics(self, record: dict) -> None:
+        """A line of metrics.jsonl, and the same numbers to the ``--report-to`` tracker, under
+        ``train/`` for optimiser steps (``reward/``, ``policy/`` for RFT's two phases) and
+        ``<event>/`` for per-round records."""
         if self.is_main:
             self.metrics.write({**record, "time": round(time.time() - self.started, 2)})
+        if self.cfg.report_to != "none":
+            group = record.get("event") or record.get("phase") or "train"
+            self.accelerator.log({f"{group}/{k}": v for k, v in record.items() if k not in ("step", "event", "phase")
+                                  and isinstance(v, (int, float)) and not isinstance(v, bool)}, step=record["step"])
 
     def progress(self, total: int, initial: int = 0, desc: str = "training"):
         return tqdm(total=total, initial=initial, desc=desc, unit="step", disable=not self.is_main, dynamic_ncols=True)
@@ -261,6 +270,8 @@ class Run:
         if self.is_main:
             save_model(self.policy, self.tokenizer, final, merge_lora=self.cfg.merge_lora)
             log.info("saved %s (%.0f s)", final, time.time() - self.started)
+        for tracker in self.accelerator.trackers:  # flush --report-to files
+            tracker.finish()
         self.accelerator.wait_for_everyone()
         return final
 
@@ -283,7 +294,7 @@ def check_output(output: Path, cfg: TrainConfig, manifest: dict) -> None:
     """An output folder belongs to one run. A new run refuses a folder that holds anything
     unless ``--overwrite`` (which empties it); ``--resume`` continues only the run that the
     folder's manifest describes, and lists what differs otherwise."""
-    used = output.exists() and any(output.iterdir())
+    used = output.exists() and any(not p.name.endswith(".tmp") for p in output.iterdir())  # a kill's leftovers aside
     if not used or cfg.overwrite:
         return
     if not cfg.resume:
@@ -323,7 +334,8 @@ def start_run(cfg: TrainConfig, model=None, tokenizer=None, data=None) -> Run:
     if data is None:
         require(cfg, "data")
     output = Path(cfg.output)
-    accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no", cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no", cpu=not torch.cuda.is_available(),
+                              log_with=None if cfg.report_to == "none" else cfg.report_to, project_dir=str(output))
     set_seed(cfg.seed)
     demos = load_demonstrations(cfg.data if data is None else data, skip_invalid=cfg.skip_invalid)
     data_fp = file_fingerprint(Path(cfg.data)) if data is None else rows_fingerprint(list(data))
@@ -341,8 +353,11 @@ def start_run(cfg: TrainConfig, model=None, tokenizer=None, data=None) -> Run:
         claim_output(output, cfg, manifest)
     tokenizer = tokenizer or load_tokenizer(path)
     model = load_policy(cfg, model if model is not None else path)
-    chat = ChatFormat(tokenizer, stop_token_ids(model))
+    chat = ChatFormat(tokenizer, stop_token_ids(model), cfg.chat_template)
     examples = chat.encode(demos, cfg.max_prompt_length, cfg.max_length, skip_invalid=cfg.skip_invalid)
+    if cfg.report_to != "none":
+        accelerator.init_trackers("sftjuice", config={k: v for k, v in config_dict(cfg).items()
+                                                      if isinstance(v, (int, float, str, bool))})
     accelerator.wait_for_everyone()
     log.info("%s: %d demonstrations, model %s%s, %d process(es), %d prompts a step", cfg.method, len(examples),
              getattr(model, "name_or_path", cfg.model), " + LoRA" if cfg.lora else "", accelerator.num_processes,

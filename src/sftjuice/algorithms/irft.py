@@ -109,10 +109,6 @@ def load_heldout(run: Run) -> tuple[list[Example], list] | None:
     return run.chat.encode(demos, cfg.max_prompt_length, cfg.max_length, skip_invalid=cfg.skip_invalid), demos
 
 
-def sampling_seed(cfg, r: int, rank: int, heldout: bool) -> int:
-    return ((cfg.seed * 1_000_003 + r) * 101 + rank) * 2 + heldout
-
-
 def train(cfg: PairConfig, model=None, tokenizer=None, data=None) -> Path:
     run = start_run(cfg, model, tokenizer, data)
     plan = rounds.plan(len(run.examples), cfg.rounds, cfg.epochs, cfg.seed)
@@ -123,7 +119,6 @@ def train(cfg: PairConfig, model=None, tokenizer=None, data=None) -> Path:
     state = run.resume()
     micro_loss = pair_micro_loss(policy, cfg)
     heldout = load_heldout(run)
-    rank = run.accelerator.process_index
     bar = run.progress(sum(round_steps), state["step"])
     step = 0
     for rnd, steps in zip(plan, round_steps):
@@ -133,13 +128,13 @@ def train(cfg: PairConfig, model=None, tokenizer=None, data=None) -> Path:
             continue
         t0 = time.time()
         pi_t = rounds.round_policy(run, state, start)
-        rows = rounds.sample_round(run, r, rnd.section, sampling_seed(cfg, r, rank, False), pi_t,
+        rows = rounds.sample_round(run, r, rnd.section, cfg.seed, pi_t,
                                    annotate=demonstration_logprobs(run))
         groups = groups_of(rows, run.examples)
         if cfg.keep_previous_round and r > 0:
             groups += groups_of(rounds.round_file(run, r, "previous", pi_t, rescored_previous(run, r)), run.examples)
         if heldout:
-            rows_heldout = rounds.sample_round(run, r, list(range(len(heldout[0]))), sampling_seed(cfg, r, rank, True),
+            rows_heldout = rounds.sample_round(run, r, list(range(len(heldout[0]))), cfg.seed,
                                                pi_t, name="heldout", data=heldout, annotate=demonstration_logprobs(run))
             heldout_groups = groups_of(rows_heldout, heldout[0])
         t1 = time.time()

@@ -31,7 +31,7 @@ the round trains; a checkpoint (both models, both optimisers) closes every round
 ``--save-every`` adds some inside the policy passes. The reward model ends in
 ``OUTPUT/reward_model/``, an HF sequence-classification directory.
 
-metrics.jsonl: every step has ``phase`` "reward" (loss, accuracy, margin) or "policy"
+metrics.jsonl: every step has ``phase`` "reward" (loss, wins and ties among the pairs whose sample differs from its demonstration, margin) or "policy"
 (loss, clip_fraction, log_ratio, advantage_mean/std); per round, an ``event`` "reward"
 (``reward_heldout_*``: r_t on the fresh pairs before its step; ``policy_reward``: r_t's
 mean on pi_t's samples; ``reward_*``: after the step) and an ``event`` "round"
@@ -43,6 +43,8 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+
+import torch
 
 
 from ..config import RFTConfig, SftjuiceError
@@ -82,11 +84,23 @@ def score_round(run: Run, reward: Learner, groups: list[Group]) -> tuple[list[fl
 
 
 def pair_stats(prefix: str, demo: list[float], own: list[float], n: int) -> dict[str, float]:
+    """r_phi's accuracy at ranking each demonstration over its prompt's samples. A sample
+    scored the same as its demonstration (e.g. the same text) is a tie: counted apart, and
+    left out of the accuracy, which is wins / (wins + losses)."""
     margins = [demo[i // n] - s for i, s in enumerate(own)]
-    return {f"{prefix}_accuracy": sum(m > 0 for m in margins) / len(margins), f"{prefix}_margin": sum(margins) / len(margins)}
+    decided = [m for m in margins if m != 0]
+    return {f"{prefix}_accuracy": sum(m > 0 for m in decided) / len(decided) if decided else None,
+            f"{prefix}_ties": len(margins) - len(decided), f"{prefix}_margin": sum(margins) / len(margins)}
 
 
-# ------------------------------------------------------------------------ the losses
+def identical_to_demonstration(g: Group) -> list[bool]:
+    return [s.token_ids == g.example.completion_ids for s in g.samples]
+
+
+def distinct_pairs(groups: list[Group]) -> int:
+    """What the reward loss is normalised by: pairs whose sample differs from its demonstration
+    (a sample identical to it is no negative and carries no loss)."""
+    return sum(not same for g in groups for same in identical_to_demonstration(g))
 
 
 def reward_micro_loss(reward: Learner, cfg: RFTConfig):
@@ -96,19 +110,18 @@ def reward_micro_loss(reward: Learner, cfg: RFTConfig):
         scores = shared_rewards(reward.model, batch).view(len(groups), -1)
         rejected = scores[:, 1:].flatten()  # one pair per sample, its prompt's demonstration chosen
         chosen = scores[:, :1].expand(-1, scores.shape[1] - 1).flatten()
-        loss = reward_pair_loss(chosen, rejected, cfg.reward_loss, cfg.reward_l2)
-        margin = (chosen - rejected).detach()
-        return loss.sum(), {"loss": loss.sum(), "accuracy": (margin > 0).float().sum(), "margin": margin.sum(),
-                            "reward_chosen": chosen.detach().sum(), "reward_rejected": rejected.detach().sum()}
+        distinct = ~torch.tensor([same for g in groups for same in identical_to_demonstration(g)], device=scores.device)
+        loss = reward_pair_loss(chosen, rejected, cfg.reward_loss, cfg.reward_l2) * distinct
+        margin = (chosen - rejected).detach() * distinct
+        return loss.sum(), {"loss": loss.sum(), "wins": (margin > 0).float().sum(),
+                            "ties": ((margin == 0) & distinct).float().sum(), "margin": margin.sum(),
+                            "reward_chosen": (chosen.detach() * distinct).sum(),
+                            "reward_rejected": (rejected.detach() * distinct).sum()}
 
     return micro_loss
 
 
 # ---------------------------------------------------------------------- the loop
-
-
-def sampling_seed(cfg, r: int, rank: int) -> int:
-    return (cfg.seed * 1_000_003 + r) * 101 + rank
 
 
 def train(cfg: RFTConfig, model=None, tokenizer=None, data=None) -> Path:
@@ -127,7 +140,6 @@ def train(cfg: RFTConfig, model=None, tokenizer=None, data=None) -> Path:
     state = run.resume()  # "step" counts reward and policy updates
     reward_loss, policy_loss = reward_micro_loss(reward, cfg), policy_micro_loss(policy, cfg.clip_range)
     bar = run.progress(sum(s * (1 + cfg.policy_steps) for s in reward_steps), state["step"])
-    rank = run.accelerator.process_index
     step = 0
     for rnd, n_reward in zip(plan, reward_steps):
         r, start = rnd.index, step
@@ -137,7 +149,7 @@ def train(cfg: RFTConfig, model=None, tokenizer=None, data=None) -> Path:
             continue
         t0 = time.time()
         pi_t = rounds.round_policy(run, state, start)
-        rows = rounds.sample_round(run, r, rnd.section, sampling_seed(cfg, r, rank), pi_t,
+        rows = rounds.sample_round(run, r, rnd.section, cfg.seed, pi_t,
                                    annotate=reference_logprobs(run, ref))
         groups = groups_of(rows, run.examples)
         t1 = time.time()
@@ -148,11 +160,11 @@ def train(cfg: RFTConfig, model=None, tokenizer=None, data=None) -> Path:
             held_out = score_round(run, reward, groups)
             for batch in rounds.batches(run, len(groups), r, 0):
                 step += 1
-                stats = reward.step([groups[i] for i in batch], reward_loss, samples_in, length=len)
+                stats = reward.step([groups[i] for i in batch], reward_loss, distinct_pairs, length=len)
                 if step % cfg.log_every == 0:
                     run.log_metrics({"step": step, "round": r, "phase": "reward", **stats})
                 bar.update(1)
-                bar.set_postfix(round=r, reward_loss=f"{stats['loss']:.4f}", accuracy=f"{stats['accuracy']:.2f}")
+                bar.set_postfix(round=r, reward_loss=f"{stats['loss']:.4f}", wins=f"{stats['wins']:.2f}")
         step = start + n_reward
         demo, own = score_round(run, reward, groups)
         if reward_step_due:
@@ -160,6 +172,7 @@ def train(cfg: RFTConfig, model=None, tokenizer=None, data=None) -> Path:
                 "step": step, "event": "reward", "round": r, **pair_stats("reward_heldout", *held_out, n),
                 "demonstration_reward": sum(held_out[0]) / len(held_out[0]), "policy_reward": sum(held_out[1]) / len(held_out[1]),
                 **pair_stats("reward", demo, own, n),
+                "identical_samples": len(own) - distinct_pairs(groups),
             })
         t2 = time.time()
 

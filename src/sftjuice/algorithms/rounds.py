@@ -18,7 +18,7 @@ from typing import Callable
 
 from ..config import SftjuiceError
 from ..data import Demonstration, Example, epoch_order, global_batches
-from ..generation import Sample, sample
+from ..generation import Sample, derive_seed, sample
 from ..scoring import token_logprobs_of
 from ..storage import read_jsonl, write_jsonl
 from ..training import Run, weights_fingerprint
@@ -45,15 +45,10 @@ def plan(n_examples: int, rounds_per_epoch: int, epochs: float, seed: int) -> li
     return out
 
 
-# Seeds: every random stream of a round has a name; its seed is derived from the run's seed.
-def shuffle_seed(r: int, pass_: int) -> int:
-    """Batch order of pass ``pass_`` of round ``r`` (fed to :func:`data.global_batches` with the run's seed)."""
-    return r * 1000 + pass_
-
-
 def batches(run: Run, n_groups: int, r: int, pass_: int) -> list[list[int]]:
-    """One pass's global batches of whole prompts, shuffled."""
-    return global_batches(n_groups, run.prompts_per_step, run.cfg.seed, shuffle_seed(r, pass_), min_size=run.world)
+    """One pass's global batches of whole prompts, shuffled by a seed named for the pass."""
+    return global_batches(n_groups, run.prompts_per_step, derive_seed(run.cfg.seed, "batches", r, pass_), 0,
+                          min_size=run.world)
 
 
 def steps_per_pass(run: Run, n_groups: int) -> int:
@@ -142,7 +137,8 @@ def sample_round(run: Run, r: int, indices: list[int], seed: int, policy: str, n
     """Sample for the prompts ``indices`` (of ``data`` = (examples, demonstrations), by default
     the run's) with ``model`` (default: the current policy, pi_t; ``policy`` is the
     fingerprint of the policy the round belongs to), add what ``annotate(examples, samples)``
-    returns per prompt: the round's :func:`round_file`."""
+    returns per prompt: the round's :func:`round_file`. Prompt i's samples are seeded
+    ``derive_seed(seed, name, r, i)``, the same however the prompts are split over processes."""
     cfg, chat = run.cfg, run.chat
     examples, demos = data or (run.examples, run.demos)
     model = model or run.policy
@@ -150,7 +146,8 @@ def sample_round(run: Run, r: int, indices: list[int], seed: int, policy: str, n
     def work(idx: list[int]) -> list[dict]:
         chosen = [examples[i] for i in idx]
         prompts = [e.prompt_ids for e in chosen]
-        samples = sample(model, prompts, cfg, chat.stop_token_ids, run.tokenizer.pad_token_id, seed=seed,
+        seeds = [derive_seed(seed, name, r, i) for i in idx]
+        samples = sample(model, prompts, cfg, chat.stop_token_ids, run.tokenizer.pad_token_id, seed=seeds,
                          num_samples=num_samples, bf16=cfg.bf16, progress=run.is_main)
         if cfg.generation_backend != "torch":  # another engine's precision: re-score in the training one
             with run.accelerator.autocast():

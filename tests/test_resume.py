@@ -1,0 +1,82 @@
+"""Resume is exact in every mode: a run killed with SIGKILL at seeded random moments (during
+start-up, sampling, a step or a checkpoint write) and resumed each time ends with the same
+weights, byte for byte, the same round files and the same metrics as a run never interrupted."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from .conftest import REPO, read_metrics, run_cli, sort_rows, write_jsonl
+from .test_sft import assert_same_weights
+
+SMALL = ["--seed", "3", "--learning-rate", "1e-3", "--per-device-batch-size", "2", "--save-every", "1",
+         "--keep-checkpoints", "2"]
+SAMPLED = ["--max-new-tokens", "8", "--lr-scheduler", "constant"]
+METHODS = {
+    "sft": ["--method", "sft", "--epochs", "2"],
+    "irft": ["--method", "irft", "--rounds", "2", "--passes", "2", *SAMPLED],
+    "spin-keep-previous": ["--method", "spin", "--iterations", "2", "--keep-previous-round", *SAMPLED],
+    "rft": ["--method", "rft", "--rounds", "2", "--reward-learning-rate", "1e-3", *SAMPLED],
+}
+KILLS = 3
+
+
+def untimed(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in m.items() if not k.endswith("seconds") and k != "time"} for m in records]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_killed_at_random_moments_and_resumed_ends_identical(method, tiny_model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "demos.jsonl", sort_rows(8))
+    args = ["train", "--model", tiny_model_dir, "--data", data, *SMALL, *METHODS[method]]
+    t0 = time.time()
+    run_cli(*args, "--output", tmp_path / "straight")
+    duration = time.time() - t0
+    out = tmp_path / "killed"
+    rng = random.Random(f"kill {method}")
+    kills = 0
+    for attempt in range(KILLS):
+        cmd = [sys.executable, "-m", "sftjuice.cli", *map(str, args), "--output", str(out)] + (["--resume"] if attempt else [])
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            proc.wait(timeout=rng.uniform(0.2, 0.9) * duration)  # a moment anywhere in a run's life
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            kills += 1
+        else:
+            assert proc.returncode == 0, proc.stderr.read()[-3000:]
+    assert kills >= 2, "the runs ended before they could be killed"
+    run_cli(*args, "--output", out, "--resume")
+    assert_same_weights(tmp_path / "straight/final", out / "final")
+    if method == "rft":
+        assert_same_weights(tmp_path / "straight/reward_model", out / "reward_model")
+    for f in sorted((tmp_path / "straight").glob("rounds/*/*.jsonl")):
+        assert (out / f.relative_to(tmp_path / "straight")).read_text() == f.read_text(), f
+    assert untimed(read_metrics(out)) == untimed(read_metrics(tmp_path / "straight"))
+
+
+def test_a_second_run_into_a_used_folder_refuses_and_resume_lists_what_changed(tiny_model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "demos.jsonl", sort_rows(8))
+    args = ["train", "--model", tiny_model_dir, "--data", data, "--output", tmp_path / "o", *SMALL, "--method", "irft",
+            "--rounds", "1", *SAMPLED]
+    run_cli(*args)
+    other = write_jsonl(tmp_path / "other.jsonl", sort_rows(9)[1:])
+    again = run_cli(*[a if a != data else other for a in args], check=False)
+    assert again.returncode == 2
+    assert again.stderr.strip().splitlines()[-1] == (
+        f"sftjuice train: error: {tmp_path / 'o'} is not empty (another run's files): use --resume to continue "
+        "that run, --overwrite to delete it, or another --output")
+    resumed = run_cli(*[a if a != data else other for a in args], "--resume", "--beta", "0.2", check=False)
+    assert resumed.returncode == 2
+    last = resumed.stderr.strip().splitlines()[-1]
+    assert "was started with other settings: " in last and "--beta 0.1 -> 0.2" in last
+    assert last.endswith("; the data changed (use --overwrite or another --output)")
+    assert run_cli(*args, "--overwrite").returncode == 0
