@@ -119,7 +119,7 @@ def test_bf16_autocast_training_tracks_fp32_over_several_steps(tiny_model_dir, d
     several optimiser steps stays close to fp32's, not only at step 0."""
     args = ["train", "--model", tiny_model_dir, "--data", demo_file, "--per-device-batch-size", "4",
             "--learning-rate", "1e-3", "--lr-scheduler", "constant", "--seed", "1"]
-    run_cli(*args, "--output", tmp_path / "fp32")
+    run_cli(*args, "--output", tmp_path / "fp32", "--bf16", "false")
     run_cli(*args, "--output", tmp_path / "bf16", "--bf16")
     fp32 = [m["loss"] for m in read_metrics(tmp_path / "fp32")]
     bf16 = [m["loss"] for m in read_metrics(tmp_path / "bf16")]
@@ -142,3 +142,21 @@ def test_shared_prompt_rewards_match_separate_sequences(tiny_model_dir, tokenize
     weights = torch.tensor([1.0, -2.0, 0.5, 3.0])
     for a, b in zip(grads(model, (separate * weights).sum()), grads(model, (shared * weights).sum())):
         torch.testing.assert_close(b, a, rtol=1e-3, atol=5e-5)
+
+
+def test_bf16_auto_measures_once_per_machine_and_follows_the_measurement(tmp_path, monkeypatch):
+    import json
+
+    from sftjuice.config import SFTConfig
+    from sftjuice.models import bf16_is_fast
+
+    monkeypatch.setenv("SFTJUICE_CACHE", str(tmp_path))
+    monkeypatch.setenv("SFTJUICE_BF16", "auto")
+    decided = bf16_is_fast()
+    [(key, entry)] = json.loads((tmp_path / "bf16.json").read_text()).items()
+    assert entry["bf16"] == decided == (entry["bf16_seconds"] < entry["fp32_seconds"] / 1.3)
+    assert entry["fp32_seconds"] > 0 and entry["bf16_seconds"] > 0
+    stamp = (tmp_path / "bf16.json").stat().st_mtime_ns
+    assert SFTConfig().bf16 is decided  # auto: the cached decision, not a new measurement
+    assert (tmp_path / "bf16.json").stat().st_mtime_ns == stamp
+    assert SFTConfig(bf16="false").bf16 is False and SFTConfig(bf16="true").bf16 is True

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +64,11 @@ class Checked:
                     "lt" not in meta or value < meta["lt"], "le" not in meta or value <= meta["le"]))
                 if not ok:
                     raise SftjuiceError(f"{flag(f.name)} {value}: must be {_range_text(meta)}")
+        if isinstance(getattr(self, "bf16", False), str):  # decided once, then a plain bool everywhere
+            from .models import bf16_is_fast
+
+            setting = os.environ.get("SFTJUICE_BF16", "auto") if self.bf16 == "auto" else self.bf16
+            self.bf16 = bf16_is_fast() if setting == "auto" else setting == "true"
         self.check()
 
     def check(self) -> None:
@@ -81,7 +87,9 @@ class ModelConfig(Checked):
     lora_dropout: float = _f(0.05, "LoRA dropout", ge=0, lt=1)
     lora_target_modules: list[str] = _f(["all-linear"], "module names LoRA adapts ('all-linear' = every linear layer but the head)")
     chat_template: str | None = _f(None, "for a tokenizer without a chat template: 'chatml' or a Jinja file (saved with the trained model)")
-    bf16: bool = _f(False, "bf16 autocast for forward/backward (fp32 master weights); generation in bf16 too")
+    bf16: Literal["auto", "true", "false"] = _f(
+        "auto", "bf16 autocast for forward/backward and sampling (fp32 master weights); auto = where a cached "
+        "micro-benchmark finds bf16 matrix math faster than fp32 on this machine (env SFTJUICE_BF16 sets what auto means)")
     seed: int = _f(0, "random seed (data order, sampling, initialisation)", ge=0)
 
 
@@ -315,6 +323,8 @@ def _types(cls) -> dict[str, tuple[type, tuple]]:
 def _coerce(name: str, value, kind: tuple[type, tuple], source: str):
     """A flag's or YAML value as its field's type; a bad one is a one-line error."""
     base, choices = kind
+    if isinstance(value, bool) and "true" in choices:  # a tri-state like --bf16 auto|true|false
+        value = str(value).lower()
     try:
         if value is None:
             return None
@@ -350,7 +360,8 @@ def _parser(cls, prog: str):
             [flag(f.metadata["alias"])] if "alias" in f.metadata else [])
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         kind = _types(cls)[f.name][0]
-        extra = {"nargs": "?", "const": "true"} if kind is bool else {"nargs": "+"} if kind is list else {}
+        tri_state = "true" in _types(cls)[f.name][1]
+        extra = {"nargs": "?", "const": "true"} if kind is bool or tri_state else {"nargs": "+"} if kind is list else {}
         parser.add_argument(*names, dest=f.name, metavar=f.name.upper() if kind is not bool else None,
                             help=f"{f.metadata.get('help', '')} (default: {default})", **extra)
     return parser
