@@ -196,3 +196,16 @@ def test_report_to_tensorboard_writes_the_numbers_of_metrics_jsonl(tiny_model_di
     assert [s for s, _ in logged] == [s for s, _ in expected] and len(expected) == 6
     for (_, a), (_, b) in zip(logged, expected):
         assert a == pytest.approx(b, rel=1e-6)
+
+
+def test_the_example_fsdp_and_deepspeed_configs_parse_as_such():
+    """FSDP cannot run on CPU processes through accelerate 1.15: it turns FSDP on only for
+    accelerator backends (state.py: MULTI_GPU, MULTI_NPU, ...), and CPU processes stay plain
+    DDP over gloo. So the examples are checked as accelerate reads them."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    fsdp = load_config_from_file(str(REPO / "examples/accelerate/fsdp.yaml"))
+    assert str(fsdp.distributed_type) == "DistributedType.FSDP" and fsdp.num_processes == 2
+    assert fsdp.fsdp_config["fsdp_version"] == 2 and fsdp.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+    ds = load_config_from_file(str(REPO / "examples/accelerate/deepspeed_zero2.yaml"))
+    assert str(ds.distributed_type) == "DistributedType.DEEPSPEED" and ds.deepspeed_config["zero_stage"] == 2

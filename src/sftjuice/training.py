@@ -29,10 +29,10 @@ from typing import Callable
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
-from .config import SftjuiceError, TrainConfig, config_dict, flag, require, save_config
+from .config import SamplingConfig, SftjuiceError, TrainConfig, config_dict, flag, require, save_config
 from .data import ChatFormat, Demonstration, Example, collate, collate_shared, load_demonstrations
 from .models import load_policy, load_tokenizer, resolve_model, save_model, stop_token_ids
 from .storage import MetricsLog, atomic_write_text
@@ -336,6 +336,11 @@ def start_run(cfg: TrainConfig, model=None, tokenizer=None, data=None) -> Run:
     output = Path(cfg.output)
     accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no", cpu=not torch.cuda.is_available(),
                               log_with=None if cfg.report_to == "none" else cfg.report_to, project_dir=str(output))
+    if accelerator.distributed_type == DistributedType.FSDP and isinstance(cfg, SamplingConfig):
+        # each process samples its own prompts for its own number of decoding steps, while a
+        # sharded model needs every process in every forward pass
+        raise SftjuiceError(f"--method {cfg.method} samples from the policy, which FSDP shards: run it with DDP "
+                            "(accelerate launch --multi_gpu), with --lora, or on one process; FSDP runs --method sft")
     set_seed(cfg.seed)
     demos = load_demonstrations(cfg.data if data is None else data, skip_invalid=cfg.skip_invalid)
     data_fp = file_fingerprint(Path(cfg.data)) if data is None else rows_fingerprint(list(data))
