@@ -209,3 +209,34 @@ def test_the_example_fsdp_and_deepspeed_configs_parse_as_such():
     assert fsdp.fsdp_config["fsdp_version"] == 2 and fsdp.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"
     ds = load_config_from_file(str(REPO / "examples/accelerate/deepspeed_zero2.yaml"))
     assert str(ds.distributed_type) == "DistributedType.DEEPSPEED" and ds.deepspeed_config["zero_stage"] == 2
+
+
+def test_progress_bars_show_on_a_terminal_with_a_rate_and_hide_with_quiet(tiny_model_dir, demo_file, tmp_path):
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    def on_terminal(*extra: str) -> str:
+        leader, follower = pty.openpty()
+        fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a terminal's size
+        cmd = [sys.executable, "-m", "sftjuice.cli", *extra, "train", "--model", str(tiny_model_dir), "--data",
+               str(demo_file), "--output", str(tmp_path / f"o{len(extra)}"), "--epochs", "1"]
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=follower, stderr=follower)
+        os.close(follower)
+        out = b""
+        while True:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:  # the terminal closed
+                break
+            if not chunk:
+                break
+            out += chunk
+        assert proc.wait() == 0
+        return out.decode(errors="replace")
+
+    shown = on_terminal()
+    assert "training: 100%" in shown and ("step/s" in shown or "s/step" in shown)
+    quiet = on_terminal("--quiet")
+    assert "training:" not in quiet and "INFO" not in quiet and "trained model:" in quiet

@@ -8,7 +8,9 @@ import sys
 
 from .config import GenerateConfig, SftjuiceError, TrainConfig, parse_args
 
-USAGE = """usage: sftjuice COMMAND [options]   (sftjuice COMMAND --help for the options)
+USAGE = """usage: sftjuice [--quiet] COMMAND [options]   (sftjuice COMMAND --help for the options)
+
+--quiet: no progress bars and warnings only (bars also hide when output is not a terminal)
 
 commands:
   demo       the whole idea on the default model, in minutes on a CPU
@@ -72,6 +74,8 @@ COMMANDS = {"demo": cmd_demo, "train": cmd_train, "generate": cmd_generate, "rew
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    quiet = bool(argv) and argv[0] == "--quiet"
+    argv = argv[1:] if quiet else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
@@ -80,7 +84,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sftjuice: unknown command '{command}'\n\n{USAGE}", file=sys.stderr)
         return 2
     rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+    from . import progress
+
+    progress.QUIET = quiet
+    logging.basicConfig(level=logging.INFO if rank == 0 and not quiet else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     _quiet_libraries()
     from safetensors import SafetensorError

@@ -83,8 +83,7 @@ def greedy_responses(model, chat: ChatFormat, demos: list[Demonstration], max_ne
                      batch_size: int = 32, bf16: bool = False) -> list[str]:
     cfg = SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens, generation_batch_size=batch_size)
     prompts = [chat.prompt_ids(d.prompt) for d in demos]
-    out = sample(model, prompts, cfg, chat.stop_token_ids, chat.tokenizer.pad_token_id, seed=0, bf16=bf16,
-                 progress=False)
+    out = sample(model, prompts, cfg, chat.stop_token_ids, chat.tokenizer.pad_token_id, seed=0, bf16=bf16)
     return [chat.decode(ss[0].token_ids) for ss in out]
 
 

@@ -15,11 +15,11 @@ from pathlib import Path
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from .config import SamplingConfig, SftjuiceError
 from .models import is_peft, with_cache
+from .progress import bar as progress_bar
 
 
 @dataclass
@@ -138,7 +138,7 @@ def sample(
     was_training = model.training
     model.eval()
     result: list[list[Sample]] = [[] for _ in prompts]
-    bar = tqdm(total=len(prompts) * n, desc="sampling", unit="seq", disable=not progress, leave=False)
+    bar = progress_bar(len(prompts) * n, "sampling", "seq", show=progress, leave=False)
     try:
         for start in range(0, len(order), per_batch):
             chunk = order[start: start + per_batch]

@@ -17,6 +17,7 @@ import torch
 from .data import collate_shared
 from .losses import token_logprobs
 from .models import cache_of, with_cache
+from .progress import bar as progress_bar
 
 
 def completion_logprobs(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -72,6 +73,7 @@ def _grouped(model, pass_fn, pad_id: int, prompts: list[list[int]], groups: list
     was_training = model.training
     model.eval()
     out = []
+    progress = progress_bar(len(prompts), "scoring", "prompt", leave=False)
     try:
         for i in range(0, len(prompts), batch_size):
             group = groups[i: i + batch_size]
@@ -79,7 +81,9 @@ def _grouped(model, pass_fn, pad_id: int, prompts: list[list[int]], groups: list
             batch = {k: v.to(device) for k, v in collate_shared(prompts[i: i + batch_size], flat, pad_id).items()}
             rows = iter(pass_fn(model, batch, flat))
             out += [[next(rows) for _ in g] for g in group]
+            progress.update(len(group))
     finally:
+        progress.close()
         model.train(was_training)
     return out
 

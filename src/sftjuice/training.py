@@ -30,10 +30,10 @@ from typing import Callable
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
-from tqdm.auto import tqdm
 
 from .config import SamplingConfig, SftjuiceError, TrainConfig, config_dict, flag, require, save_config
 from .data import ChatFormat, Demonstration, Example, collate, collate_shared, load_demonstrations
+from .progress import bar as progress_bar
 from .models import load_policy, load_tokenizer, resolve_model, save_model, stop_token_ids
 from .storage import MetricsLog, atomic_write_text
 
@@ -225,7 +225,7 @@ class Run:
                                   and isinstance(v, (int, float)) and not isinstance(v, bool)}, step=record["step"])
 
     def progress(self, total: int, initial: int = 0, desc: str = "training"):
-        return tqdm(total=total, initial=initial, desc=desc, unit="step", disable=not self.is_main, dynamic_ncols=True)
+        return progress_bar(total, desc, "step", show=self.is_main, initial=initial)
 
     # ------------------------------------------------------------ checkpoints
 
@@ -340,7 +340,7 @@ def start_run(cfg: TrainConfig, model=None, tokenizer=None, data=None) -> Run:
         # each process samples its own prompts for its own number of decoding steps, while a
         # sharded model needs every process in every forward pass
         raise SftjuiceError(f"--method {cfg.method} samples from the policy, which FSDP shards: run it with DDP "
-                            "(accelerate launch --multi_gpu), with --lora, or on one process; FSDP runs --method sft")
+                            "(accelerate launch --multi_gpu) or on one process; FSDP runs --method sft")
     set_seed(cfg.seed)
     demos = load_demonstrations(cfg.data if data is None else data, skip_invalid=cfg.skip_invalid)
     data_fp = file_fingerprint(Path(cfg.data)) if data is None else rows_fingerprint(list(data))
