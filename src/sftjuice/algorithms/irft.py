@@ -28,7 +28,7 @@ from ..data import Example, load_demonstrations
 from ..losses import irl_pair_loss
 from ..scoring import sequence_logprobs_of, shared_logprobs, singletons, token_logprobs_of
 from ..storage import read_jsonl
-from ..training import Learner, Run, start_run, weights_fingerprint
+from ..training import Learner, Run, start_run
 from . import rounds
 from .rounds import Group, groups_of, samples_in
 
@@ -120,41 +120,22 @@ def train(cfg: PairConfig, model=None, tokenizer=None, data=None) -> Path:
     micro_loss = pair_micro_loss(policy, cfg)
     heldout = load_heldout(run)
     bar = run.progress(sum(round_steps), state["step"])
-    step = 0
-    for rnd, steps in zip(plan, round_steps):
-        r, start = rnd.index, step
-        if start + steps <= state["step"]:  # finished before a resume
-            step += steps
-            continue
-        t0 = time.time()
-        pi_t = rounds.round_policy(run, state, start)
-        rows = rounds.sample_round(run, r, rnd.section, cfg.seed, pi_t,
-                                   annotate=demonstration_logprobs(run))
+    for rnd, start, end, pi_t in rounds.each_round(run, plan, round_steps, state):
+        r, t0 = rnd.index, time.time()
+        rows = rounds.sample_round(run, r, rnd.section, cfg.seed, pi_t, annotate=demonstration_logprobs(run))
         groups = groups_of(rows, run.examples)
         if cfg.keep_previous_round and r > 0:
             groups += groups_of(rounds.round_file(run, r, "previous", pi_t, rescored_previous(run, r)), run.examples)
         if heldout:
-            rows_heldout = rounds.sample_round(run, r, list(range(len(heldout[0]))), cfg.seed,
-                                               pi_t, name="heldout", data=heldout, annotate=demonstration_logprobs(run))
-            heldout_groups = groups_of(rows_heldout, heldout[0])
+            rows_heldout = rounds.sample_round(run, r, list(range(len(heldout[0]))), cfg.seed, pi_t, name="heldout",
+                                               data=heldout, annotate=demonstration_logprobs(run))
         t1 = time.time()
-        for k in range(cfg.passes):
-            for batch in rounds.batches(run, len(groups), r, k):
-                step += 1
-                if step <= state["step"]:
-                    continue
-                stats = policy.step([groups[i] for i in batch], micro_loss, samples_in, length=len)
-                if step % cfg.log_every == 0:
-                    run.log_metrics({"step": step, "round": r, "pass": k, **stats})
-                bar.update(1)
-                bar.set_postfix(round=r, loss=f"{stats['loss']:.4f}", margin=f"{stats['margin']:.3f}")
-                if cfg.save_every and step % cfg.save_every == 0 and step != start + steps:
-                    run.save_checkpoint({"step": step, "round": r, "round_policy": pi_t})
+        step = rounds.train_passes(run, policy, groups, r, cfg.passes, micro_loss, samples_in, state=state, step=start,
+                                   round_end=end, pi_t=pi_t, bar=bar)
         run.log_metrics({
             "step": step, "event": "round", "round": r, "pairs": samples_in(groups), **rounds.sample_stats(rows),
-            **(heldout_margins(run, heldout_groups) if heldout else {}),
+            **(heldout_margins(run, groups_of(rows_heldout, heldout[0])) if heldout else {}),
             "generation_seconds": round(t1 - t0, 2), "train_seconds": round(time.time() - t1, 2),
         })
-        run.save_checkpoint({"step": step, "round": r + 1, "round_policy": weights_fingerprint(run.policy)})
     bar.close()
     return run.finish()

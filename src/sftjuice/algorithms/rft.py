@@ -51,7 +51,7 @@ from ..config import RFTConfig, SftjuiceError
 from ..losses import reward_pair_loss
 from ..models import is_peft, load_reward_model, load_tokenizer, resolve_model, reward_pad_id, save_reward_model
 from ..scoring import rewards_of, shared_rewards
-from ..training import Learner, Run, start_run, weights_fingerprint
+from ..training import Learner, Run, start_run
 from . import rounds
 from .ppo import policy_micro_loss, reference_logprobs, rollout_advantages
 from .rounds import Group, groups_of, samples_in
@@ -139,18 +139,11 @@ def train(cfg: RFTConfig, model=None, tokenizer=None, data=None) -> Path:
     ref = None if is_peft(run.policy) else run.frozen_copy()
     state = run.resume()  # "step" counts reward and policy updates
     reward_loss, policy_loss = reward_micro_loss(reward, cfg), policy_micro_loss(policy, cfg.clip_range)
-    bar = run.progress(sum(s * (1 + cfg.policy_steps) for s in reward_steps), state["step"])
-    step = 0
-    for rnd, n_reward in zip(plan, reward_steps):
-        r, start = rnd.index, step
-        end = start + n_reward * (1 + cfg.policy_steps)
-        if end <= state["step"]:  # finished before a resume
-            step = end
-            continue
-        t0 = time.time()
-        pi_t = rounds.round_policy(run, state, start)
-        rows = rounds.sample_round(run, r, rnd.section, cfg.seed, pi_t,
-                                   annotate=reference_logprobs(run, ref))
+    round_steps = [s * (1 + cfg.policy_steps) for s in reward_steps]
+    bar = run.progress(sum(round_steps), state["step"])
+    for rnd, start, end, pi_t in rounds.each_round(run, plan, round_steps, state):
+        r, n_reward, t0 = rnd.index, reward_steps[rnd.index], time.time()
+        rows = rounds.sample_round(run, r, rnd.section, cfg.seed, pi_t, annotate=reference_logprobs(run, ref))
         groups = groups_of(rows, run.examples)
         t1 = time.time()
 
@@ -158,18 +151,12 @@ def train(cfg: RFTConfig, model=None, tokenizer=None, data=None) -> Path:
         reward_step_due = state["step"] <= start
         if reward_step_due:
             held_out = score_round(run, reward, groups)
-            for batch in rounds.batches(run, len(groups), r, 0):
-                step += 1
-                stats = reward.step([groups[i] for i in batch], reward_loss, distinct_pairs, length=len)
-                if step % cfg.log_every == 0:
-                    run.log_metrics({"step": step, "round": r, "phase": "reward", **stats})
-                bar.update(1)
-                bar.set_postfix(round=r, reward_loss=f"{stats['loss']:.4f}", wins=f"{stats['wins']:.2f}")
-        step = start + n_reward
+            rounds.train_passes(run, reward, groups, r, 1, reward_loss, distinct_pairs, state=state, step=start,
+                                round_end=end, pi_t=pi_t, bar=bar, phase="reward", checkpoints=False)
         demo, own = score_round(run, reward, groups)
         if reward_step_due:
             run.log_metrics({
-                "step": step, "event": "reward", "round": r, **pair_stats("reward_heldout", *held_out, n),
+                "step": start + n_reward, "event": "reward", "round": r, **pair_stats("reward_heldout", *held_out, n),
                 "demonstration_reward": sum(held_out[0]) / len(held_out[0]), "policy_reward": sum(held_out[1]) / len(held_out[1]),
                 **pair_stats("reward", demo, own, n),
                 "identical_samples": len(own) - distinct_pairs(groups),
@@ -181,27 +168,20 @@ def train(cfg: RFTConfig, model=None, tokenizer=None, data=None) -> Path:
         advantages, kl = rollout_advantages(samples, own, cfg.beta, n)
         for s, a in zip(samples, advantages.tolist()):
             s.advantage = a
-        for k in range(cfg.policy_steps):
-            for batch in rounds.batches(run, len(groups), r, 1 + k):
-                step += 1
-                if step <= state["step"]:
-                    continue
-                stats = policy.step([groups[i] for i in batch], policy_loss, samples_in, length=len)
-                adv = advantages.view(-1, n)[batch]
-                if step % cfg.log_every == 0:
-                    run.log_metrics({"step": step, "round": r, "phase": "policy", "pass": k, **stats,
-                                     "advantage_mean": adv.mean().item(), "advantage_std": adv.std(correction=0).item()})
-                bar.update(1)
-                bar.set_postfix(round=r, loss=f"{stats['loss']:.4f}", clip=f"{stats['clip_fraction']:.2f}")
-                if cfg.save_every and step % cfg.save_every == 0 and step != end:
-                    run.save_checkpoint({"step": step, "round": r, "round_policy": pi_t})
+
+        def advantage_stats(batch):
+            adv = advantages.view(-1, n)[batch]
+            return {"advantage_mean": adv.mean().item(), "advantage_std": adv.std(correction=0).item()}
+
+        step = rounds.train_passes(run, policy, groups, r, cfg.policy_steps, policy_loss, samples_in, state=state,
+                                   step=start + n_reward, round_end=end, pi_t=pi_t, bar=bar, first_pass=1,
+                                   phase="policy", extra=advantage_stats)
         run.log_metrics({
             "step": step, "event": "round", "round": r, **rounds.sample_stats(rows),
             "sample_reward": sum(own) / len(own), "kl": kl.mean().item(),
             "generation_seconds": round(t1 - t0, 2), "reward_seconds": round(t2 - t1, 2),
             "policy_seconds": round(time.time() - t2, 2),
         })
-        run.save_checkpoint({"step": step, "round": r + 1, "round_policy": weights_fingerprint(run.policy)})
     bar.close()
     run.accelerator.wait_for_everyone()
     if run.is_main:

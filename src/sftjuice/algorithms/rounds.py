@@ -100,6 +100,48 @@ def groups_of(rows: list[dict], examples: list[Example]) -> list[Group]:
     return [Group(examples[row["example"]], completions(row), row.get("demonstration_logprob")) for row in rows]
 
 
+# --------------------------------------------------------------- the loop they share
+
+
+def each_round(run: Run, plan: list[Round], round_steps: list[int], state: dict):
+    """Yield ``(round, first step, last step, pi_t)`` for every round a resumed run has not
+    finished (``state`` from :meth:`Run.resume`), and close each with a checkpoint that
+    records the next round's sampling policy. The caller's steps for the round must end at
+    its last step."""
+    step = 0
+    for rnd, steps in zip(plan, round_steps):
+        start, end = step, step + steps
+        step = end
+        if end <= state["step"]:  # finished before a resume
+            continue
+        yield rnd, start, end, round_policy(run, state, start)
+        run.save_checkpoint({"step": end, "round": rnd.index + 1, "round_policy": weights_fingerprint(run.policy)})
+
+
+def train_passes(run: Run, learner, items: list, r: int, passes: int, micro_loss, weight, *, state: dict, step: int,
+                 round_end: int, pi_t: str, bar, first_pass: int = 0, phase: str | None = None,
+                 extra=None, checkpoints: bool = True) -> int:
+    """``passes`` passes over a round's items (whole prompts) in shuffled global batches, one
+    optimiser step each: steps a resumed run already took are counted, not run; every step
+    is logged (with ``extra(batch)``'s numbers); ``--save-every`` checkpoints inside the round
+    record pi_t. Returns the step count after them."""
+    cfg = run.cfg
+    for k in range(passes):
+        for batch in batches(run, len(items), r, first_pass + k):
+            step += 1
+            if step <= state["step"]:
+                continue
+            stats = learner.step([items[i] for i in batch], micro_loss, weight, length=len)
+            stats.update(extra(batch) if extra else {})
+            if step % cfg.log_every == 0:
+                run.log_metrics({"step": step, "round": r, **({"phase": phase} if phase else {}), "pass": k, **stats})
+            bar.update(1)
+            bar.set_postfix(round=r, **{phase or "loss": f"{stats['loss']:.4f}"})
+            if checkpoints and cfg.save_every and step % cfg.save_every == 0 and step != round_end:
+                run.save_checkpoint({"step": step, "round": r, "round_policy": pi_t})
+    return step
+
+
 # ------------------------------------------------------------------------- sampling
 
 
