@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from sftjuice.algorithms import rft, sft
+from sftjuice.algorithms.ppo import rollout_advantages
 from sftjuice.algorithms.rounds import Completion
 from sftjuice.config import ModelConfig, RFTConfig, SamplingConfig, SFTConfig, SftjuiceError, TrainConfig, parse_args
 from sftjuice.data import ChatFormat
@@ -67,7 +68,7 @@ def test_rloo_advantages_and_kl_against_a_hand_example():
                 Completion([7], [-0.2], ref_logprobs=[-0.2]),  # kl 0
                 Completion([5, 6, 2], [-1.0, -1.0, -1.0], ref_logprobs=[-0.5, -0.5, -0.5]),  # kl -1.5
                 Completion([2], [-0.3], ref_logprobs=[-1.3])]  # kl 1.0
-    advantages, kl = rft.rollout_advantages(rollouts, [3.0, 1.0, 0.0, 2.0], beta=0.5, n=2)
+    advantages, kl = rollout_advantages(rollouts, [3.0, 1.0, 0.0, 2.0], beta=0.5, n=2)
     torch.testing.assert_close(kl, torch.tensor([1.0, 0.0, -1.5, 1.0]))
     shaped = [3.0 - 0.5, 1.0, 0.0 + 0.75, 2.0 - 0.5]
     torch.testing.assert_close(advantages, torch.tensor([shaped[0] - shaped[1], shaped[1] - shaped[0],

@@ -5,6 +5,7 @@
 """
 
 from .api import train
-from .config import IRFTConfig, RFTConfig, SFTConfig, SPINConfig, SftjuiceError
+from .config import IRFTConfig, RestConfig, RFTConfig, RSOConfig, SFTConfig, SPINConfig, SftjuiceError, SRPPOConfig, StepsConfig
 
-__all__ = ["train", "SFTConfig", "IRFTConfig", "SPINConfig", "RFTConfig", "SftjuiceError"]
+__all__ = ["train", "SFTConfig", "IRFTConfig", "SPINConfig", "RFTConfig", "StepsConfig", "RestConfig", "SRPPOConfig",
+           "RSOConfig", "SftjuiceError"]

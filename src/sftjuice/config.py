@@ -220,8 +220,101 @@ class RFTConfig(OnlineConfig):
             raise SftjuiceError("--reward-loss linear is unbounded below: bound the rewards with --reward-l2 > 0")
 
 
+@dataclass
+class SRPPOConfig(OnlineConfig):
+    """Self-Rewarding PPO (Zhang et al. 2025): reward log pi_SFT(y|x) - log pi_base(y|x), KL-regularised RL from pi_SFT."""
+    method: str = _f("srppo", "training method")
+    epochs: float = _f(1.0, "passes over the prompts", gt=0)
+    rounds: int = _f(4, "T: generation rounds per epoch; each round samples for its section of the prompts", ge=1)
+    num_samples: int = _f(4, "responses sampled per prompt (>= 2: RLOO baselines each by the others)", ge=2)
+    temperature: float = _f(0.7, "sampling temperature; 0 = greedy", ge=0)
+    per_device_batch_size: int = _f(4, "prompts per process per micro-batch, each with its --num-samples samples", ge=1)
+    policy_steps: int = _f(1, "K: PPO-clip passes over a round's samples", ge=1)
+    kl_coef: float = _f(0.05, "weight of the per-token KL to pi_ref = pi_SFT (the starting model) in the policy's reward", ge=0)
+    clip_range: float = _f(0.2, "PPO-clip epsilon on the ratio pi_theta / pi_t of a whole sample", gt=0, lt=1)
+    base_model: str | None = _f(None, "pi_base, the pretrained model --model was fine-tuned from; default: the starting "
+                                "model of the sftjuice SFT run whose OUTPUT/final is --model")
+    no_eos_penalty: float = _f(-1.0, "reward of a sample cut at --max-new-tokens (no end of turn), instead of its "
+                               "log-ratio; in nats, 0 = pi_SFT and pi_base agree")
+    prompts: str | None = _f(None, "extra unlabelled prompts (JSONL / JSON / datasets dir; completions ignored) sampled "
+                             "and trained on with --data's; only --data's demonstrations are ranked in the metrics")
+    learning_rate: float = _f(1e-5 / 3, "peak learning rate (AdamW)", gt=0)
+    lr_scheduler: Literal["constant", "linear", "cosine"] = _f("constant", "learning-rate schedule after warmup")
+
+
+@dataclass
+class VerifiedConfig(OnlineConfig):
+    """Methods that keep what a verifier accepts among the policy's own solutions (Setlur et al. 2024)."""
+    epochs: float = _f(1.0, "passes over the prompts", gt=0)
+    rounds: int = _f(4, "T: generation rounds per epoch; each round samples for its section of the prompts", ge=1)
+    num_samples: int = _f(4, "solutions sampled per prompt from the current policy (paper: 8)", ge=1)
+    verifier: str | None = _f(None, "answer verifier: a built-in one (exact, steps) or module:function; default exact")
+    max_positives: int = _f(2, "distinct verified-correct solutions kept per prompt (paper: up to 4 of 8)", ge=1)
+    learning_rate: float = _f(1e-5 / 3, "peak learning rate (AdamW)", gt=0)
+    lr_scheduler: Literal["constant", "linear", "cosine"] = _f("constant", "learning-rate schedule after warmup")
+
+
+@dataclass
+class RestConfig(VerifiedConfig):
+    """Positive-only self-training (RFT/ReST-style): SFT on the policy's own verified-correct solutions."""
+    method: str = _f("rest", "training method")
+
+
+@dataclass
+class StepsConfig(VerifiedConfig):
+    """Per-step negatives (Setlur et al. 2024): DPO of a verified solution over a wrong one cut at its first pit."""
+    method: str = _f("steps", "training method")
+    max_negatives: int = _f(2, "wrong solutions per prompt made into negatives (paper: 8)", ge=1)
+    rollouts: int = _f(3, "K: completions of pi_SFT from each step prefix of a negative (paper: 5)", ge=1)
+    value: Literal["any", "mean"] = _f("any", "a prefix's value from its rollouts: any verifies (the paper's) or their mean score")
+    credit: Literal["step", "response"] = _f(
+        "step", "step: the negative is cut after its first pit; response: the whole wrong solution (no rollouts)")
+    beta: float = _f(0.1, "DPO beta against pi_SFT (the starting model)", gt=0)
+
+
+@dataclass
+class RSOConfig(OnlineConfig):
+    """RSO (Liu et al. 2024): rejection-sample pairs towards pi* ∝ pi_SFT exp(r/beta) from N candidates of the frozen starting model, then fit them with a DPO/SLiC loss."""
+    method: str = _f("rso", "training method")
+    epochs: float = _f(1.0, "passes over the prompts", gt=0)
+    rounds: int = _f(4, "sections of the data per epoch: each draws its candidates (all from the frozen starting model "
+                     "pi_SFT, so rounds only make the draw resumable piecewise), then trains on its pairs", ge=1)
+    num_samples: int = _f(16, "N: candidates drawn from pi_SFT per prompt (the paper: 64)", ge=2, alias="num-candidates")
+    temperature: float = _f(0.7, "sampling temperature of the candidates (the paper's)", gt=0)
+    num_accepted: int = _f(8, "M: distinct candidates kept per prompt by rejection sampling; they form M/2 random pairs", ge=2)
+    reward: Literal["model", "implicit"] = _f(
+        "model", "model: a sequence-classification reward (--reward-model); implicit: log pi_SFT(y) - log pi_base(y) (--base-model)")
+    reward_model: str | None = _f(None, "--reward model: an AutoModelForSequenceClassification directory with the "
+                                  "policy's tokenizer, e.g. an RFT run's OUTPUT/reward_model")
+    base_model: str | None = _f(None, "--reward implicit: pi_base, the model --model was fine-tuned from; default: the "
+                                "starting model of the sftjuice SFT run whose OUTPUT/final is --model")
+    no_eos_penalty: float = _f(-1.0, "--reward implicit: reward of a candidate cut at --max-new-tokens (no end of turn), "
+                               "instead of its log-ratio; in nats")
+    beta: float = _f(0.5, "rejection sampling's temperature, in the reward's units (retune per reward): "
+                     "near 0 = best-of-N, large = plain sampling", gt=0)
+    gamma: float = _f(0.05, "the loss's scale on the log-prob margins (DPO's beta)", gt=0)
+    loss: Literal["sigmoid", "hinge", "hinge-norm"] = _f(
+        "sigmoid", "sigmoid (DPO), hinge (SLiC: no reference), hinge-norm (hinge on DPO's reference-normalised margin)")
+    passes: int = _f(1, "passes over a round's pairs", ge=1)
+    per_device_batch_size: int = _f(2, "prompts per process per micro-batch, each with its accepted pairs", ge=1)
+    gradient_accumulation_steps: int = _f(4, "micro-batches per optimiser step", ge=1)
+    learning_rate: float = _f(1e-5 / 3, "peak learning rate (AdamW)", gt=0)
+    lr_scheduler: Literal["constant", "linear", "cosine"] = _f("constant", "learning-rate schedule after warmup")
+
+    def check(self) -> None:
+        super().check()
+        if self.num_accepted > self.num_samples:
+            raise SftjuiceError(f"--num-accepted {self.num_accepted}: must be <= --num-candidates {self.num_samples}")
+        if self.reward == "implicit" and self.reward_model:
+            raise SftjuiceError("--reward-model is for --reward model; --reward implicit reads --base-model")
+        if self.reward == "model" and self.base_model:
+            raise SftjuiceError("--base-model is for --reward implicit; --reward model reads --reward-model")
+
+
 METHOD_CONFIGS: dict[str, type[TrainConfig]] = {
     "sft": SFTConfig, "irft": IRFTConfig, "spin": SPINConfig, "rft": RFTConfig,
+    "srppo": SRPPOConfig, "steps": StepsConfig, "rest": RestConfig,
+    "rso": RSOConfig,
 }
 
 

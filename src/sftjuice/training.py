@@ -89,9 +89,10 @@ class Learner:
         mine = global_batch[acc.process_index:: run.world]
         if length is not None:
             mine = sorted(mine, key=length)
-        # a global batch with nothing to count (e.g. only samples identical to their
-        # demonstration) has a zero loss; any positive divisor then gives the same update
-        total = max(acc.reduce(torch.tensor(float(weight(mine)), device=acc.device), "sum").item(), 1.0)
+        total = acc.reduce(torch.tensor(float(weight(mine)), device=acc.device), "sum").item()
+        if total == 0:  # nothing to learn from (e.g. every sample equals its demonstration): the
+            self.scheduler.step()  # schedule moves on, the weights and AdamW's moments do not
+            return {"lr": self.scheduler.get_last_lr()[0], "skipped": 1}
         micro = chunks(mine, run.cfg.per_device_batch_size)
         sums: dict[str, torch.Tensor] = {}
         for i, items in enumerate(micro):

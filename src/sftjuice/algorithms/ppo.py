@@ -56,3 +56,18 @@ def policy_micro_loss(policy: Learner, clip_range: float):
                             "log_ratio": (logps - old).detach().sum()}
 
     return micro_loss
+
+
+def assign_advantages(groups: list[Group], rewards: list[float], beta: float, n: int):
+    """Set each sample's RLOO advantage (of ``rewards`` minus ``beta`` times its KL to pi_ref);
+    returns the per-sample KL and a function giving a batch's advantage statistics to log."""
+    samples = [s for g in groups for s in g.samples]
+    advantages, kl = rollout_advantages(samples, rewards, beta, n)
+    for s, a in zip(samples, advantages.tolist()):
+        s.advantage = a
+
+    def batch_stats(batch: list[int]) -> dict[str, float]:
+        adv = advantages.view(-1, n)[batch]
+        return {"advantage_mean": adv.mean().item(), "advantage_std": adv.std(correction=0).item()}
+
+    return kl, batch_stats

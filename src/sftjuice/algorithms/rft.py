@@ -53,7 +53,7 @@ from ..models import is_peft, load_reward_model, load_tokenizer, resolve_model, 
 from ..scoring import rewards_of, shared_rewards
 from ..training import Learner, Run, start_run
 from . import rounds
-from .ppo import policy_micro_loss, reference_logprobs, rollout_advantages
+from .ppo import assign_advantages, policy_micro_loss, reference_logprobs
 from .rounds import Group, groups_of, samples_in
 
 log = logging.getLogger(__name__)
@@ -164,15 +164,7 @@ def train(cfg: RFTConfig, model=None, tokenizer=None, data=None) -> Path:
         t2 = time.time()
 
         # policy step: K passes of PPO-clip on RLOO advantages of r_phi - beta * KL(pi_t || pi_ref)
-        samples = [s for g in groups for s in g.samples]
-        advantages, kl = rollout_advantages(samples, own, cfg.beta, n)
-        for s, a in zip(samples, advantages.tolist()):
-            s.advantage = a
-
-        def advantage_stats(batch):
-            adv = advantages.view(-1, n)[batch]
-            return {"advantage_mean": adv.mean().item(), "advantage_std": adv.std(correction=0).item()}
-
+        kl, advantage_stats = assign_advantages(groups, own, cfg.beta, n)
         step = rounds.train_passes(run, policy, groups, r, cfg.policy_steps, policy_loss, samples_in, state=state,
                                    step=start + n_reward, round_end=end, pi_t=pi_t, bar=bar, first_pass=1,
                                    phase="policy", extra=advantage_stats)

@@ -136,7 +136,7 @@ def train_passes(run: Run, learner, items: list, r: int, passes: int, micro_loss
             if step % cfg.log_every == 0:
                 run.log_metrics({"step": step, "round": r, **({"phase": phase} if phase else {}), "pass": k, **stats})
             bar.update(1)
-            bar.set_postfix(round=r, **{phase or "loss": f"{stats['loss']:.4f}"})
+            bar.set_postfix(round=r, **{phase or "loss": f"{stats.get('loss', float('nan')):.4f}"})
             if checkpoints and cfg.save_every and step % cfg.save_every == 0 and step != round_end:
                 run.save_checkpoint({"step": step, "round": r, "round_policy": pi_t})
     return step

@@ -12,16 +12,61 @@ DPO and SLiC fit preference pairs drawn from ``pi_SFT``, but the policy they aim
   4. the policy, starting at and regularised towards ``pi_ref = pi_SFT``, fits the pairs with
      ``losses.preference_loss`` (``sigmoid`` = DPO, ``hinge`` = SLiC, ``hinge-norm``).
 
-This module holds the model-free steps 2 and 3 as pure functions; the loop comes below them.
+The model-free steps 2 and 3 are pure functions (``accept``, ``pair_up``); the loop comes
+below them. All candidates come from ``pi_SFT``, the frozen starting model (a copy; with
+LoRA the policy with its adapter switched off), never from the policy being trained. Each
+epoch of the prompts is still split into ``--rounds`` sections, each drawing its candidates
+and then training on its pairs, so a killed run redraws at most one section. Round t:
+
+  1. draws N candidates per prompt of section t from ``pi_SFT`` (the sampler prefills each
+     prompt once for its N rows) and scores them: with the reward model (each prompt
+     computed once for its N candidates), or the implicit reward, whose ``log pi_SFT(y)``
+     is the sum of the sampler's own token log-probs (no extra pass) and ``log pi_base(y)``
+     one pass of the base model; a candidate cut at ``--max-new-tokens`` gets
+     ``--no-eos-penalty`` instead of its log-ratio, as in SRPPO;
+  2. per prompt, with a generator seeded by (seed, round, prompt), ``accept`` keeps up to M
+     *distinct* responses (copies of a response are one response: they weigh in the pool as
+     the draws ``pi_SFT`` made, and share their first copy's score) and ``pair_up`` pairs
+     them; candidates, rewards, the accepted indices and the pairs land in
+     ``OUTPUT/rounds/<t>/generations.jsonl`` before the round trains;
+  3. ``--passes`` passes over the section's prompts, each a batch item with its pairs,
+     minimising ``preference_loss`` against ``pi_SFT``, whose log-probs are the sampler's
+     (the reference costs nothing), normalised by the pairs in the global batch. A global
+     batch whose prompts have no pair (every candidate the same response) is skipped.
+
+metrics.jsonl: every step has loss, margin (``gamma * D``, or the plain log-prob margin
+for ``hinge``), margin_positive, logp_winner/logp_loser and pairs; per round an ``event``
+"round": acceptance_rate (accepted / candidates), first_pass_acceptance (mean
+``exp((r - r_max)/beta)``: ~1 is plain sampling, ~1/N best-of-N), distinct_per_prompt,
+pairs, prompts_without_pairs, reward_candidates / reward_accepted (mean r), reward_pair_gap
+(mean ``r_w - r_l``), the round's pair-weighted loss and margin, sample lengths, timings.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import RSOConfig, SftjuiceError
+from ..data import Example
+from ..generation import derive_seed
+from ..losses import preference_loss
+from ..models import is_peft
+from ..scoring import rewards_of, shared_logprobs, token_logprobs_of
+from ..training import Learner, Run, start_run, weights_fingerprint
+from . import rounds
+from .rounds import Completion
 
 
-def accept(rewards: list[float], beta: float, num_accepted: int, rng: random.Random) -> list[int]:
+def accept(rewards: list[float], beta: float, num_accepted: int, rng: random.Random,
+           keys: list | None = None) -> list[int]:
     """Statistical rejection sampling (RSO's Algorithm 1; ALGORITHMS.md "RSO" step 3): the
     indices of up to ``num_accepted`` (M) candidates, in the order they were accepted.
 
@@ -45,9 +90,13 @@ def accept(rewards: list[float], beta: float, num_accepted: int, rng: random.Ran
     N large against the spread of ``exp(r/beta)``; later ones are drawn without replacement
     from the same finite set, which is what makes the M accepted distinct.
 
-    Duplicate texts among the candidates are the caller's concern: they are separate
-    candidates here (removing them would no longer sample ``pi_SFT``); a pair of identical
-    texts scored by a deterministic reward is a tie, which ``pair_up`` drops.
+    Duplicates: without ``keys`` every candidate is its own response. With ``keys`` (one per
+    candidate, equal for copies of one response, e.g. its token ids), copies stay in the
+    pool as separate draws, so a response keeps the weight ``pi_SFT`` gave it, but once one
+    copy is accepted the others leave the pool: the accepted responses are distinct, and
+    fewer than M when fewer distinct responses were drawn. (Removing copies before
+    accepting would no longer sample ``pi_SFT``; keeping accepted copies would pair a
+    response with itself, a tie that ``pair_up`` drops.)
     The acceptance rate to log is ``len(result) / len(rewards)``."""
     if not beta > 0:
         raise ValueError(f"beta must be > 0, got {beta}")
@@ -55,20 +104,23 @@ def accept(rewards: list[float], beta: float, num_accepted: int, rng: random.Ran
         raise ValueError(f"num_accepted must be >= 0, got {num_accepted}")
     if not all(math.isfinite(r) for r in rewards):
         raise ValueError("rewards must be finite")  # an inf or nan r_max would never accept
+    keys = list(range(len(rewards))) if keys is None else keys
     remaining = list(range(len(rewards)))
     accepted: list[int] = []
     while len(accepted) < num_accepted and remaining:
         r_max = max(rewards[i] for i in remaining)
         order = remaining[:]
         rng.shuffle(order)
-        taken = set()
+        taken = set()  # keys accepted in this pass
         for i in order:
+            if keys[i] in taken:  # a copy of a response this pass already accepted
+                continue
             if rng.random() < math.exp((rewards[i] - r_max) / beta):
                 accepted.append(i)
-                taken.add(i)
+                taken.add(keys[i])
                 if len(accepted) == num_accepted:
                     break
-        remaining = [i for i in remaining if i not in taken]
+        remaining = [i for i in remaining if keys[i] not in taken]
     return accepted
 
 
@@ -91,3 +143,202 @@ def pair_up(accepted: list[int], rewards: list[float], rng: random.Random) -> li
         elif rewards[b] > rewards[a]:
             pairs.append((b, a))
     return pairs
+
+
+# ---------------------------------------------------------------------- one prompt
+
+
+def choose(candidates: list[list[int]], rewards: list[float], beta: float, num_accepted: int,
+           rng: random.Random) -> dict:
+    """Steps 2 and 3 for one prompt's candidates (token ids) and their rewards: copies of a
+    response take its first copy's reward, ``accept`` keeps up to M distinct responses and
+    ``pair_up`` pairs them. What the round file stores per prompt."""
+    first: dict[tuple, int] = {}
+    keys = [first.setdefault(tuple(c), i) for i, c in enumerate(candidates)]
+    rewards = [rewards[k] for k in keys]  # a response has one score, however often it was drawn
+    accepted = accept(rewards, beta, num_accepted, rng, keys=keys)
+    return {"rewards": rewards, "accepted": accepted, "pairs": [list(p) for p in pair_up(accepted, rewards, rng)]}
+
+
+def candidate_pairs(run: Run, cfg: RSOConfig, r: int, reward_model, base):
+    """``annotate`` for :func:`rounds.sample_round`: each prompt's candidates scored, accepted
+    and paired (:func:`choose`). ``reward_model`` scores in full precision (a judge); with
+    ``base`` (the implicit reward) log pi_base is taken in the run's precision, that of the
+    sampler's log pi_SFT."""
+    from .srppo import sequence_reward
+
+    per_batch = max(1, cfg.generation_batch_size // cfg.num_samples)  # prompts a pass, as the sampler
+
+    def annotate(examples: list[Example], samples) -> list[dict]:
+        prompts = [e.prompt_ids for e in examples]
+        candidates = [[s.token_ids for s in ss] for ss in samples]
+        if base is None:
+            rewards = rewards_of(reward_model, prompts, candidates, per_batch)
+        else:
+            with run.accelerator.autocast():
+                by_base = token_logprobs_of(base, run.tokenizer.pad_token_id, prompts, candidates, per_batch)
+            rewards = [[sequence_reward(s.logprobs, b, s.finished, cfg.no_eos_penalty) for s, b in zip(ss, bs)]
+                       for ss, bs in zip(samples, by_base)]
+        return [choose(c, rw, cfg.beta, cfg.num_accepted, random.Random(derive_seed(cfg.seed, "accept", r, e.index)))
+                for e, c, rw in zip(examples, candidates, rewards)]
+
+    return annotate
+
+
+# ----------------------------------------------------------------------- the loss
+
+
+@dataclass
+class Pairs:
+    """A prompt with its accepted (winner, loser) pairs: the unit of RSO's batches."""
+    example: Example
+    pairs: list[tuple[Completion, Completion]]
+
+    def __len__(self) -> int:  # the padded width of its batch rows
+        return len(self.example.prompt_ids) + max((len(c.token_ids) for p in self.pairs for c in p), default=0)
+
+
+def pairs_in(items: list[Pairs]) -> int:
+    """The count the loss is normalised by."""
+    return sum(len(g.pairs) for g in items)
+
+
+def pairs_of(rows: list[dict], examples: list[Example]) -> list[Pairs]:
+    def completion(s: dict) -> Completion:  # the sampler's log-probs: those of pi_SFT, the reference
+        return Completion(s["token_ids"], s["token_logprobs"], s["finished"])
+
+    return [Pairs(examples[row["example"]], [(completion(row["samples"][w]), completion(row["samples"][l]))
+                                             for w, l in row["pairs"]]) for row in rows]
+
+
+NO_PAIR = (Completion([], []), Completion([], []))
+
+
+def pair_micro_loss(learner: Learner, cfg: RSOConfig):
+    def micro_loss(items: list[Pairs]):
+        # every prompt gets the same number of pair slots, its own first, then empty ones
+        # (masked; a micro-batch of prompts without pairs still runs, for DDP's gradient sync)
+        k = max(1, max(len(g.pairs) for g in items))
+        slots = [g.pairs[j] if j < len(g.pairs) else NO_PAIR for g in items for j in range(k)]
+        batch = learner.collate_shared([g.example.prompt_ids for g in items], [c.token_ids for p in slots for c in p])
+        logps = shared_logprobs(learner.model, batch).sum(-1).view(-1, 2)
+        device = logps.device
+        ref = torch.tensor([[w.logprob, l.logprob] for w, l in slots], device=device)
+        real = torch.tensor([j < len(g.pairs) for g in items for j in range(k)], device=device)
+        loss, margin = preference_loss(logps[:, 0], ref[:, 0], logps[:, 1], ref[:, 1], cfg.loss, cfg.gamma)
+        loss, margin, w = loss * real, margin * real, real.float()
+        return loss.sum(), {"loss": loss.sum(), "margin": margin.sum(), "margin_positive": ((margin > 0) & real).float().sum(),
+                            "logp_winner": (logps[:, 0].detach() * w).sum(), "logp_loser": (logps[:, 1].detach() * w).sum()}
+
+    return micro_loss
+
+
+# --------------------------------------------------------------------- metrics
+
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def selection_stats(rows: list[dict], beta: float) -> dict:
+    """What rejection sampling did in a round (see the module docstring)."""
+    rewards = [x for row in rows for x in row["rewards"]]
+    accepted = [row["rewards"][i] for row in rows for i in row["accepted"]]
+    return {
+        "acceptance_rate": len(accepted) / len(rewards),
+        "first_pass_acceptance": _mean([math.exp((x - max(row["rewards"])) / beta) for row in rows for x in row["rewards"]]),
+        "distinct_per_prompt": _mean([len({tuple(s["token_ids"]) for s in row["samples"]}) for row in rows]),
+        "pairs": sum(len(row["pairs"]) for row in rows),
+        "prompts_without_pairs": sum(not row["pairs"] for row in rows),
+        "reward_candidates": _mean(rewards), "reward_accepted": _mean(accepted),
+        "reward_pair_gap": _mean([row["rewards"][w] - row["rewards"][l] for row in rows for w, l in row["pairs"]]),
+    }
+
+
+TRAIN_SUMS = ("loss", "margin", "margin_positive")
+
+
+def train_stats(sums: dict) -> dict:
+    """The round's loss and margins, weighted by pairs, over every step it took."""
+    return {k: sums[k] / sums["pairs"] if sums["pairs"] else None for k in TRAIN_SUMS} | {"skipped_steps": sums["skipped"]}
+
+
+# ------------------------------------------------------------------------ the loop
+
+
+def reward_of(run: Run, cfg: RSOConfig):
+    """(reward model, pi_base): the one ``--reward`` uses, frozen on the run's device."""
+    from .rft import load_reward
+    from .srppo import load_base
+
+    if cfg.reward == "implicit":
+        return None, load_base(run, cfg.base_model)
+    return load_reward(run, cfg).to(run.accelerator.device).eval().requires_grad_(False), None
+
+
+def train_pairs(run: Run, policy: Learner, items: list[Pairs], r: int, micro_loss, *, state: dict, step: int,
+                round_end: int, pi_sft: str, bar) -> dict:
+    """``--passes`` passes over a round's prompts with their pairs (as ``rounds.train_passes``,
+    two things apart): a global batch without a pair is skipped, not stepped (AdamW would
+    still move the weights by momentum), and the round's pair-weighted sums of loss and
+    margin ride in the mid-round checkpoints, so a resumed round reports what an
+    uninterrupted one does. Returns the sums."""
+    cfg = run.cfg
+    sums = state["round_sums"] if state["step"] > step else dict.fromkeys((*TRAIN_SUMS, "pairs", "skipped"), 0)
+    for k in range(cfg.passes):
+        for batch in rounds.batches(run, len(items), r, k):
+            step += 1
+            if step <= state["step"]:
+                continue
+            chosen = [items[i] for i in batch]
+            n = pairs_in(chosen)
+            if n:
+                stats = policy.step(chosen, micro_loss, pairs_in, length=len)
+                sums = {**sums, "pairs": sums["pairs"] + n, **{s: sums[s] + stats[s] * n for s in TRAIN_SUMS}}
+                if step % cfg.log_every == 0:
+                    run.log_metrics({"step": step, "round": r, "pass": k, "pairs": n, **stats})
+                bar.set_postfix(round=r, loss=f"{stats['loss']:.4f}", margin=f"{stats['margin']:.3f}")
+            else:  # every prompt of the batch drew a single response: nothing to learn
+                sums = {**sums, "skipped": sums["skipped"] + 1}
+            bar.update(1)
+            if cfg.save_every and step % cfg.save_every == 0 and step != round_end:
+                run.save_checkpoint({"step": step, "round": r, "round_policy": pi_sft, "round_sums": sums})
+    return sums
+
+
+def train(cfg: RSOConfig, model=None, tokenizer=None, data=None) -> Path:
+    from .srppo import base_model_of
+
+    if cfg.reward == "model" and not cfg.reward_model:
+        raise SftjuiceError("--method rso needs --reward-model DIR (a sequence-classification reward with the policy's "
+                            "tokenizer, e.g. an RFT run's OUTPUT/reward_model), or --reward implicit")
+    if cfg.reward == "implicit":
+        if model is not None and not cfg.base_model:
+            raise SftjuiceError("--base-model is needed when the policy is given as a loaded model")
+        cfg = dataclasses.replace(cfg, base_model=base_model_of(cfg))  # the manifest names the base it used
+    run = start_run(cfg, model, tokenizer, data)
+    plan = rounds.plan(len(run.examples), cfg.rounds, cfg.epochs, cfg.seed)
+    round_steps = [rounds.steps_per_pass(run, len(rnd.section)) * cfg.passes for rnd in plan]
+    policy = run.learner(run.policy_model, cfg.learning_rate, sum(round_steps))
+    # pi_SFT, before any step or resume: it draws every round's candidates (so every round
+    # file names it) and is the loss's reference
+    pi_sft = weights_fingerprint(run.policy)
+    sft = None if is_peft(run.policy) else run.frozen_copy()
+    reward_model, base = reward_of(run, cfg)
+    state = run.resume()
+    micro_loss = pair_micro_loss(policy, cfg)
+    bar = run.progress(sum(round_steps), state["step"])
+    for rnd, start, end, _ in rounds.each_round(run, plan, round_steps, state):
+        r, t0 = rnd.index, time.time()
+        with run.policy.disable_adapter() if sft is None else contextlib.nullcontext():
+            rows = rounds.sample_round(run, r, rnd.section, cfg.seed, pi_sft, model=run.policy if sft is None else sft,
+                                       annotate=candidate_pairs(run, cfg, r, reward_model, base))
+        t1 = time.time()
+        sums = train_pairs(run, policy, pairs_of(rows, run.examples), r, micro_loss, state=state, step=start,
+                           round_end=end, pi_sft=pi_sft, bar=bar)
+        run.log_metrics({
+            "step": end, "event": "round", "round": r, **rounds.sample_stats(rows), **selection_stats(rows, cfg.beta),
+            **train_stats(sums), "generation_seconds": round(t1 - t0, 2), "train_seconds": round(time.time() - t1, 2),
+        })
+    bar.close()
+    return run.finish()

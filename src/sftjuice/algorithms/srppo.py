@@ -1,0 +1,270 @@
+"""Self-Rewarding PPO (Zhang et al. 2025, arXiv 2510.21090): a reward from two frozen
+models and no labels, the SFT model against the pretrained model it was fine-tuned from:
+
+    r(x, y) = log pi_SFT(y|x) - log pi_base(y|x)      summed over the response's tokens
+
+What SFT added to the base model is what the demonstrations taught; a response that the
+SFT model likes much more than the base model does is one that looks like them. The
+policy starts at pi_SFT and is optimised against r with a per-token KL penalty to
+pi_ref = pi_SFT. Each epoch of the prompts (``--data``'s, plus ``--prompts``) is split into
+T sections; round t
+
+  1. samples n >= 2 responses y_hat ~ pi_t for the prompts of section t, keeping their
+     token log-probs (the sampler's) and, in one forward pass per model, those of pi_SFT
+     and pi_base; the demonstration of each labelled prompt is scored alongside;
+  2. rewards each finished sample with r (not length-normalised, paid once at the end of
+     turn); a sample cut at ``--max-new-tokens`` never reached its end of turn and gets
+     ``--no-eos-penalty`` instead, because its partial log-ratio grows with its length;
+  3. K passes of PPO-clip over the samples with RLOO advantages of
+     ``r(x, y) - kl_coef * sum_t log(pi_t(y_t) / pi_SFT(y_t))``: each sample baselined by
+     the mean of its prompt's other n-1 samples. There is no value network and no GAE (the
+     paper trains a value head); the policy is the only model that trains. Samples are
+     drawn at temperature 0.7 (the spec's default) while the ratios and the KL use the
+     untempered log-probs, so the policy gradient and the KL estimate are biased (RFT warns
+     of the same); ``--temperature 1`` makes them exact.
+
+Why -1 for a cut sample: the reward's zero is "pi_SFT and pi_base agree", and a finished
+sample of pi_SFT scores KL(pi_SFT || pi_base) >= 0 on average (summed over a response,
+several nats even on short answers). -1 sits a nat below that neutral point, so a cut
+sample ranks below nearly every finished one of its prompt, while its RLOO advantage stays
+on the scale of the differences between finished samples (a penalty like
+``-max_new_tokens`` would swamp every other signal in the batch). The round record reports
+``finished_reward_mean`` to check the gap.
+
+Chat-template tokens the base model never learned to predict (``<|im_end|>``) can carry a
+large share of the log-ratio; they are kept in r, and each round reports their share of
+the |log-ratio| mass (``reward_template_share``) beside their share of the tokens.
+
+Memory: the policy, pi_SFT (a frozen copy; with LoRA the policy with its adapter switched
+off, no copy) and pi_base, about three times the weights. ``--base-model`` defaults to the
+starting model of the sftjuice SFT run whose ``OUTPUT/final`` is ``--model``.
+
+Samples, their per-token log-probs under pi_SFT and pi_base, and r of each demonstration
+land in ``OUTPUT/rounds/<t>/generations.jsonl`` before the round trains; a checkpoint
+closes every round and ``--save-every`` adds some inside the policy passes.
+
+metrics.jsonl: every step has ``phase`` "policy" (loss, clip_fraction, log_ratio,
+advantage_mean/std); per round an ``event`` "round": ``sample_reward`` (mean r of the
+round's samples, cut ones at the penalty), ``finished_reward_mean``, ``demonstration_reward``,
+``kl`` (KL(pi_t || pi_SFT) on the samples), sample lengths, the template shares, and
+``reward_heldout_*``: r ranking each demonstration over its prompt's samples on the round's
+fresh prompts, before any step trained on them (accuracy = wins / (wins + losses); a
+sample with the same tokens or the same reward as its demonstration is a tie, counted
+apart); timings (``generation_seconds`` includes both reference passes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+from ..config import SftjuiceError, SRPPOConfig
+from ..data import Demonstration, Example, load_demonstrations
+from ..models import is_peft, load_policy, load_tokenizer, resolve_model
+from ..scoring import token_logprobs_of
+from ..training import MANIFEST, Run, file_fingerprint, start_run
+from . import rounds
+from .ppo import assign_advantages, policy_micro_loss
+from .rounds import Group, groups_of, samples_in
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------- pi_base
+
+
+def base_model_of(cfg: SRPPOConfig) -> str:
+    """``--base-model``, or the starting model of the sftjuice SFT run whose ``OUTPUT/final``
+    (or ``OUTPUT/merged``) is ``--model``, checked against that run's fingerprint of it."""
+    if cfg.base_model:
+        return cfg.base_model
+    model = Path(cfg.model).expanduser()
+    manifest = model.parent / MANIFEST
+    why = "is not the final/ of an sftjuice SFT run (OUTPUT/final beside OUTPUT/manifest.json)"
+    if model.is_dir() and manifest.is_file():
+        try:
+            run = json.loads(manifest.read_text())
+            method, base = run["method"], run["config"]["model"]
+        except (OSError, ValueError, KeyError, TypeError):
+            method, base = None, None
+        if method != "sft":
+            why = f"comes from a --method {method} run, whose starting model is not the pretrained base"
+        else:
+            try:
+                same = file_fingerprint(resolve_model(base)) == run.get("model")
+            except SftjuiceError:
+                same = False
+            if same:
+                return base
+            why = (f"comes from an SFT run whose starting model {base} is not found here or is not the model "
+                   "it trained (changed, or passed as a loaded model)")
+    raise SftjuiceError(f"--base-model is needed: --model {cfg.model} {why}; give the pretrained model it was fine-tuned from")
+
+
+def load_base(run: Run, name: str):
+    """pi_base, frozen, on the run's device; it must read the policy's tokens."""
+    path = resolve_model(name) if run.is_main else None
+    run.accelerator.wait_for_everyone()
+    path = path or resolve_model(name)
+    if (path / "tokenizer_config.json").exists() and load_tokenizer(path).get_vocab() != run.tokenizer.get_vocab():
+        raise SftjuiceError(f"--base-model {path}: its tokenizer differs from --model's; the reward compares both models on the same tokens")
+    base = load_policy(run.cfg, path, trainable=False)
+    if base.config.vocab_size != run.policy_model.config.vocab_size:
+        raise SftjuiceError(f"--base-model {path}: vocabulary of {base.config.vocab_size} tokens, --model has "
+                            f"{run.policy_model.config.vocab_size}; the reward compares both models on the same tokens")
+    return base.to(run.accelerator.device).eval().requires_grad_(False)
+
+
+# ------------------------------------------------------------------------ the reward
+
+
+def sequence_reward(sft_logprobs: list[float], base_logprobs: list[float], finished: bool, no_eos_penalty: float) -> float:
+    """r(x, y) = sum_t log pi_SFT(y_t) - log pi_base(y_t) of a finished response; a response
+    cut before its end of turn gets ``no_eos_penalty``."""
+    return math.fsum(sft_logprobs) - math.fsum(base_logprobs) if finished else no_eos_penalty
+
+
+def _token_logprobs(model, pad_id: int, examples: list[Example], samples) -> list[tuple[list[float] | None, list[list[float]]]]:
+    """Per prompt: per-token log-probs of its demonstration (None for an unlabelled prompt)
+    and of its samples, each prompt computed once for all of them."""
+    out = [None] * len(examples)
+    for labelled in (True, False):  # a batch's groups must be the same size
+        idx = [i for i, e in enumerate(examples) if bool(e.completion_ids) == labelled]
+        if not idx:
+            continue
+        groups = [([examples[i].completion_ids] if labelled else []) + [s.token_ids for s in samples[i]] for i in idx]
+        for i, scores in zip(idx, token_logprobs_of(model, pad_id, [examples[i].prompt_ids for i in idx], groups)):
+            out[i] = (scores[0], scores[1:]) if labelled else (None, scores)
+    return out
+
+
+def reference_scores(run: Run, sft, base, no_eos_penalty: float):
+    """``annotate`` for :func:`rounds.sample_round`: per-token log pi_SFT (``ref_token_logprobs``,
+    also pi_ref of the KL) and log pi_base (``base_token_logprobs``) of each sample, and r of
+    the demonstration. pi_SFT is ``sft``, or with LoRA (``sft`` None) the policy with its
+    adapter switched off."""
+    pad = run.tokenizer.pad_token_id
+
+    def annotate(examples: list[Example], samples) -> list[dict]:
+        adapter_off = run.policy.disable_adapter() if sft is None else contextlib.nullcontext()
+        with run.accelerator.autocast():  # the precision the policy samples and trains in
+            with adapter_off:
+                by_sft = _token_logprobs(run.policy if sft is None else sft, pad, examples, samples)
+            by_base = _token_logprobs(base, pad, examples, samples)
+        return [{"ref_token_logprobs": s_samples, "base_token_logprobs": b_samples,
+                 "demonstration_reward": None if s_demo is None else sequence_reward(s_demo, b_demo, True, no_eos_penalty)}
+                for (s_demo, s_samples), (b_demo, b_samples) in zip(by_sft, by_base)]
+
+    return annotate
+
+
+def round_rewards(rows: list[dict], no_eos_penalty: float) -> list[float]:
+    """r of every sample of a round, prompt-major (a prompt's n together)."""
+    return [sequence_reward(sft, base, s["finished"], no_eos_penalty) for row in rows
+            for s, sft, base in zip(row["samples"], row["ref_token_logprobs"], row["base_token_logprobs"])]
+
+
+# ----------------------------------------------------------------------- metrics
+
+
+def ranking_stats(groups: list[Group], rows: list[dict], rewards: list[float], n: int) -> dict:
+    """r ranking each demonstration over its prompt's samples (labelled prompts only)."""
+    wins = losses = ties = 0
+    margins = []
+    for i, (g, row) in enumerate(zip(groups, rows)):
+        demo = row["demonstration_reward"]
+        if demo is None:
+            continue
+        for s, r in zip(g.samples, rewards[i * n: (i + 1) * n]):
+            margins.append(demo - r)
+            if s.token_ids == g.example.completion_ids or demo == r:
+                ties += 1
+            elif demo > r:
+                wins += 1
+            else:
+                losses += 1
+    demos = [row["demonstration_reward"] for row in rows if row["demonstration_reward"] is not None]
+    return {"demonstration_reward": sum(demos) / len(demos) if demos else None,
+            "reward_heldout_accuracy": wins / (wins + losses) if wins + losses else None,
+            "reward_heldout_ties": ties, "reward_heldout_margin": sum(margins) / len(margins) if margins else None}
+
+
+def template_stats(rows: list[dict], template_ids: set[int]) -> dict:
+    """Of the finished samples' per-token |log pi_SFT - log pi_base|: the share on chat-template
+    tokens (end of turn, special tokens), beside their share of the tokens."""
+    mass = on_template = 0.0
+    tokens = template_tokens = 0
+    for row in rows:
+        for s, sft, base in zip(row["samples"], row["ref_token_logprobs"], row["base_token_logprobs"]):
+            if not s["finished"]:
+                continue
+            for t, a, b in zip(s["token_ids"], sft, base):
+                mass += abs(a - b)
+                tokens += 1
+                if t in template_ids:
+                    on_template += abs(a - b)
+                    template_tokens += 1
+    return {"reward_template_share": on_template / mass if mass else None,
+            "template_token_share": template_tokens / tokens if tokens else None}
+
+
+# ---------------------------------------------------------------------- the loop
+
+
+def with_prompts(run: Run, cfg: SRPPOConfig) -> tuple[list[Example], list[Demonstration]]:
+    """The run's examples and demonstrations, followed by ``--prompts`` (unlabelled: their
+    completions, if any, are dropped)."""
+    if not cfg.prompts:
+        return run.examples, run.demos
+    extra = [dataclasses.replace(d, completion=None)
+             for d in load_demonstrations(cfg.prompts, cfg.skip_invalid, require_completion=False)]
+    encoded = run.chat.encode(extra, cfg.max_prompt_length, cfg.max_length, skip_invalid=cfg.skip_invalid)
+    offset = len(run.demos)
+    return run.examples + [dataclasses.replace(e, index=e.index + offset) for e in encoded], run.demos + extra
+
+
+def train(cfg: SRPPOConfig, model=None, tokenizer=None, data=None) -> Path:
+    if model is not None and not cfg.base_model:
+        raise SftjuiceError("--base-model is needed when the policy is given as a loaded model")
+    cfg = dataclasses.replace(cfg, base_model=base_model_of(cfg))  # the manifest names the base it used
+    run = start_run(cfg, model, tokenizer, data)
+    examples, demos = with_prompts(run, cfg)
+    n = cfg.num_samples
+    plan = rounds.plan(len(examples), cfg.rounds, cfg.epochs, cfg.seed)
+    per_pass = [rounds.steps_per_pass(run, len(rnd.section)) for rnd in plan]
+    policy = run.learner(run.policy_model, cfg.learning_rate, sum(per_pass) * cfg.policy_steps)
+    sft = None if is_peft(run.policy) else run.frozen_copy()  # pi_SFT = pi_ref, the starting policy
+    base = load_base(run, cfg.base_model)
+    state = run.resume()
+    annotate = reference_scores(run, sft, base, cfg.no_eos_penalty)
+    policy_loss = policy_micro_loss(policy, cfg.clip_range)
+    template_ids = set(run.tokenizer.all_special_ids) | set(run.chat.stop_token_ids)
+    round_steps = [steps * cfg.policy_steps for steps in per_pass]
+    bar = run.progress(sum(round_steps), state["step"])
+    for rnd, start, end, pi_t in rounds.each_round(run, plan, round_steps, state):
+        r, t0 = rnd.index, time.time()
+        rows = rounds.sample_round(run, r, rnd.section, cfg.seed, pi_t, data=(examples, demos), annotate=annotate)
+        groups = groups_of(rows, examples)
+        rewards = round_rewards(rows, cfg.no_eos_penalty)
+        t1 = time.time()
+
+        # K passes of PPO-clip on RLOO advantages of r - kl_coef * KL(pi_t || pi_SFT)
+        kl, advantage_stats = assign_advantages(groups, rewards, cfg.kl_coef, n)
+        step = rounds.train_passes(run, policy, groups, r, cfg.policy_steps, policy_loss, samples_in, state=state,
+                                   step=start, round_end=end, pi_t=pi_t, bar=bar, phase="policy", extra=advantage_stats)
+        samples = [s for g in groups for s in g.samples]
+        finished = [x for x, s in zip(rewards, samples) if s.finished]
+        run.log_metrics({
+            "step": step, "event": "round", "round": r, **rounds.sample_stats(rows),
+            "sample_reward": sum(rewards) / len(rewards),
+            "finished_reward_mean": sum(finished) / len(finished) if finished else None,
+            **ranking_stats(groups, rows, rewards, n), "kl": kl.mean().item(), **template_stats(rows, template_ids),
+            "generation_seconds": round(t1 - t0, 2), "policy_seconds": round(time.time() - t1, 2),
+        })
+    bar.close()
+    return run.finish()
