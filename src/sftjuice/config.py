@@ -119,7 +119,7 @@ class SamplingConfig(Checked):
 @dataclass
 class TrainConfig(ModelConfig, DataConfig):
     """What every training method takes."""
-    method: str = _f("sft", "training method: " + ", ".join(("sft", "irft", "spin", "rft")))
+    method: str = _f("sft", "training method: sft, irft, spin, rft, srppo, rso, steps, rest")
     output: str | None = _f(None, "output directory (checkpoints, metrics.jsonl, final/)")
     learning_rate: float = _f(5e-5, "peak learning rate (AdamW)", gt=0)
     lr_scheduler: Literal["constant", "linear", "cosine"] = _f("linear", "learning-rate schedule after warmup")
