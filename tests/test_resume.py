@@ -24,6 +24,10 @@ METHODS = {
     "irft": ["--method", "irft", "--rounds", "2", "--passes", "2", *SAMPLED],
     "spin-keep-previous": ["--method", "spin", "--iterations", "2", "--keep-previous-round", *SAMPLED],
     "rft": ["--method", "rft", "--rounds", "2", "--reward-learning-rate", "1e-3", *SAMPLED],
+    "srppo": ["--method", "srppo", "--rounds", "2", "--num-samples", "2", "--base-model", "{base}", *SAMPLED],
+    "rso": ["--method", "rso", "--rounds", "2", "--reward", "implicit", "--base-model", "{base}", "--num-candidates", "4",
+            "--num-accepted", "2", *SAMPLED],
+    "steps": ["--method", "steps", "--rounds", "2", "--num-samples", "2", "--rollouts", "2", *SAMPLED],
 }
 KILLS = 3
 
@@ -35,7 +39,9 @@ def untimed(records: list[dict]) -> list[dict]:
 @pytest.mark.parametrize("method", METHODS)
 def test_killed_at_random_moments_and_resumed_ends_identical(method, tiny_model_dir, tmp_path):
     data = write_jsonl(tmp_path / "demos.jsonl", sort_rows(8))
-    args = ["train", "--model", tiny_model_dir, "--data", data, *SMALL, *METHODS[method]]
+    # srppo/rso: the tiny model as its own base (a zero reward; resume does not care)
+    args = ["train", "--model", tiny_model_dir, "--data", data, *SMALL,
+            *[str(tiny_model_dir) if a == "{base}" else a for a in METHODS[method]]]
     t0 = time.time()
     run_cli(*args, "--output", tmp_path / "straight")
     duration = time.time() - t0

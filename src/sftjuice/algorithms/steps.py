@@ -435,7 +435,7 @@ def _train(cfg: VerifiedConfig, model=None, tokenizer=None, data=None) -> Path:
             continue
         t0 = time.time()
         pi_t = rounds.round_policy(run, state, start)
-        timing = {"rollout_seconds": 0.0}  # stays 0 when the round's file is read back
+        timing = {"rollout_seconds": 0.0} if pairs else {}  # stays 0 when the round's file is read back
         annotate = steps_annotate(run, cfg, verifier, answers, ref, r, timing) if pairs else verdicts(run, cfg, verifier, answers)
         rows = rounds.sample_round(run, r, rnd.section, cfg.seed, pi_t, annotate=annotate)
         groups = pair_groups(rows, run.examples) if pairs else positive_groups(rows, run.examples)
