@@ -1,10 +1,11 @@
 """``sftjuice demo``: the whole idea on the default model, in minutes on a laptop CPU.
 
-Demonstrations: questions and answers of DeepMind's mathematics_dataset generator (shipped
-in ``sftjuice/demo_data``, made by ``scripts/make_demo_data.sh``). The base model answers
-in sentences, so SFT first teaches it the task; then, from that SFT model and on the
-same demonstrations, each method spends about one more epoch: more SFT, or reward
-learning (IRFT, SPIN, RFT). Held-out prompts judge them all with a verifier.
+Demonstrations: questions and answers of DeepMind's mathematics_dataset generator, or the
+worked multi-step arithmetic of ``multistep_arithmetic`` (shipped in ``sftjuice/demo_data``;
+see its README). The base model answers in sentences, so SFT first teaches it the task;
+then, from that SFT model and on the same demonstrations, each method spends about one
+more epoch: more SFT, or reward learning (IRFT, SPIN, RFT, ...). Held-out prompts judge
+them all with the task's verifier.
 
 Every stage writes its model and evaluation under OUTPUT/<stage>/; running the demo
 again skips finished stages and resumes an interrupted one.
@@ -12,9 +13,11 @@ again skips finished stages and resumes an interrupted one.
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import shutil
 import logging
+import random
+import shutil
 import time
 from dataclasses import dataclass
 from importlib.resources import files
@@ -26,56 +29,172 @@ from .evaluation import evaluate_model
 from .models import resolve_model
 from .report import markdown_table, plot_bars, text_table, write_json
 from .storage import atomic_write_text, read_jsonl, write_jsonl
+from .verifiers import corrupt_steps, extract_answer
 from .api import train
 
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Task:
+    """What a demo task needs besides its files: the longest answer to sample or judge, its
+    verifier, and how a low-quality demonstration is made."""
+    max_new_tokens: int
+    verifier: str = "exact"
+    low_quality: str = "swap"  # swap: another question's answer; steps: a wrong step carried through (corrupt_steps)
+
+
+DEFAULT_TASK = Task(max_new_tokens=16)  # mathematics_dataset answers take at most 11 tokens
+# multistep_arithmetic's worked answers take 36 tokens (median) to 57 (longest) with the end of turn;
+# 48 would cut ~10% of the held-out references before their "Answer:" line
+TASKS: dict[str, Task] = {"multistep_arithmetic": Task(max_new_tokens=64, low_quality="steps")}
+
+BASE = "<base>"  # in STAGE_EXTRAS: the demo's --model, resolved to its directory
+# The stages' options beyond each method's defaults, by name in --methods; "method" makes a
+# name another setting of a method. A method's entry applies only once it is registered.
+STAGE_EXTRAS: dict[str, dict] = {
+    "sft3": {"method": "sft", "epochs": 3.0},  # continued SFT with about the compute of the costliest method
+    "srppo": {"base_model": BASE},  # reward log pi_SFT - log pi_base: the model SFT started from
+    "rso": {"reward": "implicit", "base_model": BASE},  # the SRPPO reward: no reward model to train first
+}
+
+
+def task_spec(name: str) -> Task:
+    return TASKS.get(name, DEFAULT_TASK)
+
+
+def task_names() -> list[str]:
+    return sorted(p.name[: -len(".train.jsonl")] for p in (files("sftjuice") / "demo_data").iterdir()
+                  if p.name.endswith(".train.jsonl"))
+
+
+def method_of(name: str) -> str:
+    """The training method behind a name in --methods (``sft3`` -> ``sft``)."""
+    return STAGE_EXTRAS.get(name, {}).get("method", name)
+
+
+def registered_methods() -> list[str]:
+    """Methods whose training loop is registered in ``sftjuice.algorithms`` (config order)."""
+    from .algorithms import METHODS
+
+    return [m for m in METHOD_CONFIGS if m in METHODS]
+
+
 @dataclass
 class DemoConfig(Checked):
+    """One SFT epoch from the base model, then one more epoch of each method from it, judged on held-out prompts."""
     output: str = _f("runs/demo", "output directory")
     model: str = _f(DEFAULT_MODEL, "starting model")
-    task: str = _f("numbers__round_number", "demo task: a file pair in sftjuice/demo_data")
+    task: str = _f("numbers__round_number", "demo task: a file pair in sftjuice/demo_data (e.g. multistep_arithmetic)")
     train_size: int = _f(96, "demonstrations used for training", ge=2)
     test_size: int = _f(100, "held-out prompts for evaluation", ge=2)
-    methods: list[str] = _f(["sft", "irft", "spin", "rft"], "methods compared after the shared SFT epoch")
+    methods: list[str] = _f(["sft", "irft", "spin", "rft"], "methods compared after the shared SFT epoch "
+                            f"(also {', '.join(n for n in STAGE_EXTRAS if n not in METHOD_CONFIGS)}: SFT for 3 more epochs)")
     seed: int = _f(0, "random seed", ge=0)
-    max_new_tokens: int = _f(16, "longest sampled or evaluated answer (the task's answers take at most 11 tokens)", ge=1)
-    low_quality_fraction: float = _f(0.0, "share of training demonstrations replaced by another question's answer", ge=0, le=1)
+    max_new_tokens: int | None = _f(None, "longest sampled or evaluated answer; default: the task's "
+                                    f"({DEFAULT_TASK.max_new_tokens}; multistep_arithmetic {TASKS['multistep_arithmetic'].max_new_tokens})", ge=1)
+    verifier: str | None = _f(None, "answer verifier (exact, steps or module:function); default: the task's (exact)")
+    low_quality_fraction: float = _f(0.0, "share of training demonstrations made wrong: another question's answer, or for "
+                                     "multistep_arithmetic a slipped or skipped step carried to the answer", ge=0, le=1)
+    keep_models: bool = _f(True, "keep each stage's final model; false: delete it once evaluated unless a stage starts from it")
+
+    def check(self) -> None:
+        tasks = task_names()
+        if self.task not in tasks:
+            raise SftjuiceError(f"--task {self.task}: not a demo task; choose from {', '.join(tasks)}")
+        known = list(METHOD_CONFIGS) + [n for n in STAGE_EXTRAS if n not in METHOD_CONFIGS]
+        unknown = [m for m in self.methods if m not in known]
+        if unknown:
+            raise SftjuiceError(f"--methods: unknown {unknown}; choose from {', '.join(known)}")
+
+    @property
+    def spec(self) -> Task:
+        return task_spec(self.task)
+
+    @property
+    def new_tokens(self) -> int:
+        return self.max_new_tokens or self.spec.max_new_tokens
+
+    @property
+    def verifier_name(self) -> str:
+        return self.verifier or self.spec.verifier
 
 
 @dataclass
 class Stage:
     name: str
     start: str  # stage whose final model this one starts from ("" = the base model)
-    method: str = ""
+    method: str = ""  # the name in --methods (a method, or a STAGE_EXTRAS setting of one)
 
 
 def stages(cfg: DemoConfig) -> list[Stage]:
     """The base model, one SFT epoch from it, then from that SFT model one more epoch of each
-    method, each at its defaults (the settings the quality benchmark tuned)."""
-    unknown = [m for m in cfg.methods if m not in METHOD_CONFIGS]
-    if unknown:
-        raise SftjuiceError(f"--methods: unknown {unknown}; choose from {', '.join(METHOD_CONFIGS)}")
+    method, each at its defaults (the settings the quality benchmark tuned) plus its STAGE_EXTRAS."""
+    available = set(registered_methods())
+    missing = [m for m in cfg.methods if method_of(m) not in available]
+    if missing:
+        raise SftjuiceError(f"--methods: {missing} not available yet (no training loop registered in "
+                            f"sftjuice.algorithms); available: {', '.join(sorted(available))}")
     return [Stage("base", ""), Stage("sft", "base", "sft")] + [Stage(f"sft+{m}", "sft", m) for m in cfg.methods]
 
 
-def prepare_data(cfg: DemoConfig, out: Path) -> tuple[Path, Path]:
-    """The train and held-out files of the run. With ``low_quality_fraction``, that share of
-    the training demonstrations get the answer of another training question: well-formed,
-    plausible and wrong, the kind of noise a demonstration set has."""
-    import random
+def stage_config(cfg: DemoConfig, stage: Stage, model, base, data, test, output):
+    """The training config of a stage: the method's defaults, the run's model/data/seed, the task's
+    answer length and verifier where the method takes them, held-out monitoring where it has one,
+    and the stage's STAGE_EXTRAS."""
+    extras = {k: v for k, v in STAGE_EXTRAS.get(stage.method, {}).items() if k != "method"}
+    cls = METHOD_CONFIGS[method_of(stage.method)]
+    has = {f.name for f in dataclasses.fields(cls)}
+    options = {"max_new_tokens": cfg.new_tokens, "verifier": cfg.verifier_name,
+               # IRFT/SPIN report their implicit reward's margin on held-out prompts each round
+               "eval_data": str(test), "eval_size": 16}
+    options = {k: v for k, v in options.items() if k in has}
+    options.update({k: str(base) if v == BASE else v for k, v in extras.items()})
+    return cls(model=str(model), data=str(data), output=str(output), seed=cfg.seed, resume=True, **options)
 
+
+def corrupt(rows: list[dict], i: int, how: str, rng: random.Random) -> dict:
+    """A low-quality version of ``rows[i]``. ``swap``: the answer of another training question
+    (well-formed, plausible and wrong); ``steps``: one step slipped or skipped and carried to a
+    wrong answer (``verifiers.corrupt_steps``). The row keeps what its demonstration claims in
+    ``answer`` (so a verifier-based method sees the same noise as the others) and the truth
+    in ``correct_answer``."""
+    row = rows[i]
+    truth = str(row.get("answer") or extract_answer(row["completion"]))
+    if how == "steps":
+        bad = corrupt_steps(row, rng)
+    else:
+        j = rng.choice([k for k in range(len(rows)) if rows[k]["completion"] != row["completion"]])
+        bad = {**row, "completion": rows[j]["completion"], "low_quality": True}
+    if "answer" in row:
+        bad["answer"] = extract_answer(bad["completion"])
+    return {**bad, "correct_answer": truth}
+
+
+def prepare_data(cfg: DemoConfig, out: Path) -> tuple[Path, Path]:
+    """The train and held-out files of the run: the task's first ``train_size`` / ``test_size``
+    rows. With ``low_quality_fraction``, that share of the training demonstrations are made
+    wrong the task's way (:func:`corrupt`), chosen by ``seed``. ``data/settings.json`` records
+    what made them; a later run into the same folder with other settings stops."""
     data = files("sftjuice") / "demo_data"
-    train, test = out / "data" / "train.jsonl", out / "data" / "test.jsonl"
+    train, test, record = out / "data" / "train.jsonl", out / "data" / "test.jsonl", out / "data" / "settings.json"
+    settings = {"task": cfg.task, "train_size": cfg.train_size, "test_size": cfg.test_size, "seed": cfg.seed,
+                "low_quality_fraction": cfg.low_quality_fraction, "max_new_tokens": cfg.new_tokens,
+                "verifier": cfg.verifier_name, "model": cfg.model}
+    if record.exists():
+        old = json.loads(record.read_text())
+        differs = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+        if differs:
+            raise SftjuiceError(f"{out} holds a run with other settings ({', '.join(f'{k}: {a} there, {b} now' for k, (a, b) in differs.items())}); "
+                                "choose another output folder or delete it")
     if not train.exists():
         rows = read_jsonl(data / f"{cfg.task}.train.jsonl")[: cfg.train_size]
         rng = random.Random(cfg.seed)
         for i in rng.sample(range(len(rows)), round(cfg.low_quality_fraction * len(rows))):
-            j = rng.choice([k for k in range(len(rows)) if rows[k]["completion"] != rows[i]["completion"]])
-            rows[i] = {**rows[i], "completion": rows[j]["completion"], "low_quality": True}
+            rows[i] = corrupt(rows, i, cfg.spec.low_quality, rng)
         write_jsonl(test, read_jsonl(data / f"{cfg.task}.test.jsonl")[: cfg.test_size])
         write_jsonl(train, rows)
+        atomic_write_text(record, json.dumps(settings, indent=1))
     return train, test
 
 
@@ -85,31 +204,33 @@ def run_stages(cfg: DemoConfig) -> list[dict]:
     train_file, test = prepare_data(cfg, out)
     test_demos = load_demonstrations(test)
     plan = stages(cfg)
+    starts = {s.start for s in plan}
     models = {"base": resolve_model(cfg.model)}
     results = []
     for i, stage in enumerate(plan, start=1):
         stage_dir = out / stage.name
         log.info("[%d/%d] %s%s", i, len(plan), stage.name, f" (from {stage.start})" if stage.start else "")
+        eval_file = stage_dir / "eval.json"
         seconds = 0.0
         if stage.start:
             timing = stage_dir / "train_seconds.json"
-            if not (stage_dir / "final").exists():
+            done = (stage_dir / "final").exists() or (eval_file.exists() and timing.exists() and stage.name not in starts)
+            if not done:
                 t0 = time.time()
-                # IRFT/SPIN also report their implicit reward's margin on held-out prompts each round
-                monitor = {"eval_data": str(test), "eval_size": 16} if stage.method in ("irft", "spin") else {}
-                train(METHOD_CONFIGS[stage.method](
-                    model=str(models[stage.start]), data=str(train_file), output=str(stage_dir), seed=cfg.seed,
-                    **({} if stage.method == "sft" else {"max_new_tokens": cfg.max_new_tokens}), resume=True, **monitor))
+                train(stage_config(cfg, stage, models[stage.start], models["base"], train_file, test, stage_dir))
                 atomic_write_text(timing, json.dumps(time.time() - t0))
                 # checkpoints only serve to resume this stage (~1.6 GB each with optimiser state)
                 shutil.rmtree(stage_dir / "checkpoints", ignore_errors=True)
             seconds = json.loads(timing.read_text())
             models[stage.name] = stage_dir / "final"
-        eval_file = stage_dir / "eval.json"
         if not eval_file.exists():
-            write_json(eval_file, evaluate_model(models[stage.name], test_demos, cfg.max_new_tokens))
+            t0 = time.time()
+            ev = evaluate_model(models[stage.name], test_demos, cfg.new_tokens, cfg.verifier_name)
+            write_json(eval_file, {**ev, "eval_seconds": time.time() - t0})
+        if not cfg.keep_models and stage.start and stage.name not in starts:
+            shutil.rmtree(stage_dir / "final", ignore_errors=True)  # evaluated; nothing starts from it
         ev = json.loads(eval_file.read_text())
-        results.append({"stage": stage.name, "start": stage.start, "train_seconds": seconds, **ev})
+        results.append({"stage": stage.name, "start": stage.start, "method": stage.method, "train_seconds": seconds, **ev})
         acc, ll, gap = ev["accuracy"], ev["answer_logprob"], ev["logprob_gap"]
         log.info("%s: accuracy %.1f%% [%.1f%%, %.1f%%], answer log-prob/token %.3f, log-prob gap %.2f",
                  stage.name, 100 * acc["mean"], 100 * acc["low"], 100 * acc["high"], ll["mean"], gap["mean"])
@@ -131,11 +252,11 @@ def report(cfg: DemoConfig, out: Path, results: list[dict]) -> None:
     columns = list(rows[0])
     header = (f"sftjuice demo: {cfg.task}, {cfg.train_size} demonstrations"
               + (f" ({cfg.low_quality_fraction:.0%} low-quality)" if cfg.low_quality_fraction else "")
-              + f", {cfg.test_size} held-out prompts, greedy decoding, exact-match verifier (95% intervals)")
+              + f", {cfg.test_size} held-out prompts, greedy decoding, verifier {cfg.verifier_name} (95% intervals)")
     print("\n" + header + "\n\n" + text_table(rows, columns) + "\n")
     atomic_write_text(out / "results.md", f"# {header}\n\n" + markdown_table(rows, columns)
                       + "\nStages after `sft` start from the SFT model and see the demonstrations once more. "
-                        "Log-prob gap: log pi(reference answer) - log pi(another question's answer).\n")
+                        "Log-prob gap: log pi(reference answer) - log pi(the next held-out question's reference answer).\n")
     write_json(out / "results.json", [{k: v for k, v in r.items() if k not in ("correct", "responses")} for r in results])
     names = [r["stage"] for r in results]
     panels = [(label, [r[key]["mean"] for r in results], [(r[key]["low"], r[key]["high"]) for r in results])

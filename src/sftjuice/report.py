@@ -72,5 +72,39 @@ def plot_lines(path: Path, series: list[tuple[str, list[float], list[float], lis
     tmp.replace(path)
 
 
+def plot_intervals(path: Path, panels: list[tuple[str, list[str], list[float], list[tuple[float, float]]]],
+                   xlabel: str, title: str, columns: int = 3, sharex: bool = True) -> None:
+    """Horizontal estimates with (low, high) intervals and a line at 0, one panel per
+    (label, names, values, intervals), e.g. each method's difference to a baseline."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = max(1, min(columns, len(panels)))
+    rows = -(-len(panels) // columns)
+    height = max(2.0, 0.35 * max((len(p[1]) for p in panels), default=1) + 1.2)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.8 * columns, height * rows), squeeze=False, sharex=sharex)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (label, names, values, intervals) in zip(axes.flat, panels):
+        ys = list(range(len(names)))[::-1]
+        excludes = [lo > 0 or hi < 0 for lo, hi in intervals]
+        err = [[v - lo for v, (lo, _) in zip(values, intervals)], [hi - v for v, (_, hi) in zip(values, intervals)]]
+        for y, v, e0, e1, strong in zip(ys, values, *err, excludes):
+            ax.errorbar([v], [y], xerr=[[e0], [e1]], fmt="o", capsize=3, color="#c44e52" if strong else "#4c72b0")
+        ax.axvline(0, color="black", linewidth=0.8)
+        ax.set_yticks(ys, names)
+        ax.set_title(label)
+        ax.set_xlabel(xlabel)
+        ax.grid(axis="x", alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
 def write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1))
