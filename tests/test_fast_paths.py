@@ -157,6 +157,6 @@ def test_bf16_auto_measures_once_per_machine_and_follows_the_measurement(tmp_pat
     assert entry["bf16"] == decided == (entry["bf16_seconds"] < entry["fp32_seconds"] / 1.3)
     assert entry["fp32_seconds"] > 0 and entry["bf16_seconds"] > 0
     stamp = (tmp_path / "bf16.json").stat().st_mtime_ns
-    assert SFTConfig().bf16 is decided  # auto: the cached decision, not a new measurement
+    assert SFTConfig(bf16="auto").bf16 is decided  # the cached decision, not a new measurement
     assert (tmp_path / "bf16.json").stat().st_mtime_ns == stamp
     assert SFTConfig(bf16="false").bf16 is False and SFTConfig(bf16="true").bf16 is True

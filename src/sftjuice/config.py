@@ -88,7 +88,7 @@ class ModelConfig(Checked):
     lora_target_modules: list[str] = _f(["all-linear"], "module names LoRA adapts ('all-linear' = every linear layer but the head)")
     chat_template: str | None = _f(None, "for a tokenizer without a chat template: 'chatml' or a Jinja file (saved with the trained model)")
     bf16: Literal["auto", "true", "false"] = _f(
-        "auto", "bf16 autocast for forward/backward and sampling (fp32 master weights); auto = where a cached "
+        "false", "bf16 autocast for forward/backward and sampling (fp32 master weights); auto = where a cached "
         "micro-benchmark finds bf16 matrix math faster than fp32 on this machine (env SFTJUICE_BF16 sets what auto means)")
     seed: int = _f(0, "random seed (data order, sampling, initialisation)", ge=0)
 
