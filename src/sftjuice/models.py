@@ -181,7 +181,7 @@ def with_cache(model, cache) -> dict:
     ``past_key_values`` to ``cache`` (the old name warns, and goes in 5.40); older 5.x
     releases only know the old one."""
     inner = getattr(model, "module", model)  # DDP
-    inner = inner.get_base_model() if is_peft(inner) else inner
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner  # a PeftModel
     return {"cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values": cache}
 
 

@@ -41,10 +41,7 @@ def plot_bars(path: Path, names: list[str], panels: list[tuple[str, list[float],
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 def plot_lines(path: Path, series: list[tuple[str, list[float], list[float], list[tuple[float, float]] | None]],
@@ -66,10 +63,7 @@ def plot_lines(path: Path, series: list[tuple[str, list[float], list[float], lis
     ax.legend()
     ax.set_title(title)
     fig.tight_layout()
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 def plot_intervals(path: Path, panels: list[tuple[str, list[str], list[float], list[tuple[float, float]]]],
@@ -100,6 +94,13 @@ def plot_intervals(path: Path, panels: list[tuple[str, list[str], list[float], l
         ax.grid(axis="x", alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
+    save_figure(fig, path)
+
+
+def save_figure(fig, path: Path) -> None:
+    """Write ``fig`` to ``path`` atomically (a kill leaves the previous plot) and free it."""
+    import matplotlib.pyplot as plt
+
     tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
