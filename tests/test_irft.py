@@ -79,6 +79,25 @@ def test_sampling_is_reproducible_and_stops_at_eos(tokenizer):
         assert s.finished or len(s.token_ids) == 20
 
 
+def test_a_sample_does_not_depend_on_the_prompts_it_shares_a_batch_with(tokenizer):
+    """Per-prompt seeds: prompt i drawn alone, or in a batch of other prompts that stop at
+    other times (rows leave the cache), gives the same tokens and log-probs."""
+    model = build_tiny_model(tokenizer, seed=1).eval()
+    with torch.no_grad():
+        model.lm_head.weight[tokenizer.eos_token_id] *= 0
+        model.model.embed_tokens.weight[tokenizer.eos_token_id] += 0.5 * model.model.norm.weight
+    prompts, seeds = [[1, 2, 3], [4, 5], [6, 7, 8, 9]], [11, 22, 33]
+    cfg = SamplingConfig(num_samples=2, max_new_tokens=16)
+    together = sample(model, prompts, cfg, [tokenizer.eos_token_id], tokenizer.pad_token_id, seed=seeds, progress=False)
+    lengths = {len(s.token_ids) for ss in together for s in ss}
+    assert len(lengths) > 1  # rows did stop at different steps
+    for i, p in enumerate(prompts):
+        alone = sample(model, [p], cfg, [tokenizer.eos_token_id], tokenizer.pad_token_id, seed=[seeds[i]], progress=False)[0]
+        assert [s.token_ids for s in alone] == [s.token_ids for s in together[i]]
+        for a, b in zip(alone, together[i]):
+            assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU side of the backend seam")
 def test_vllm_only_when_asked_for_and_missing_is_one_line(tokenizer):
     from sftjuice.generation import use_vllm
