@@ -1,33 +1,54 @@
-"""Speed and memory of an IRFT round: sftjuice against TRL and plain `generate`, side by side.
+"""Speed and memory of an IRFT round: sftjuice against TRL and plain `generate`, side by side,
+and each held against the machine's matmul ceiling.
 
 Every contender runs in its own process (so its peak RSS is its own) on the same model,
 data and seed, in one invocation of this script. Prints a table, writes
 benchmarks/results/speed.md and speed.json; the last line reads
 
     speed: train_x=<ours/TRL> gen_x=<ours/plain> round_x=<ours/composed> mfu=<fraction> rss_ratio=<ours/TRL>
+           train_ceiling=<fraction> gen_ceiling=<fraction> bf16=<0|1>
+
+(one line). ``train_ceiling`` and ``gen_ceiling`` are the FLOPs the work needs (see
+:func:`needed_flops`) per second over the matmul ceiling of the precision our contenders ran
+in; ``mfu`` is the training pass's over the fp32 ceiling (its definition before bf16, kept
+comparable across runs; the same number as train_ceiling when bf16=0).
+
+Precision: our contenders (and plain generate, and the composed round) run in sftjuice's
+default precision, fp32 (``--bf16 false``); ``--bf16 auto`` picks what
+``sftjuice.models.bf16_is_fast()`` says (bf16 autocast over fp32 master weights where bf16
+matmuls are faster), ``--bf16 true`` forces bf16. The decode comparison also runs in the other precision.
 
 Contenders:
-  train   TRL DPOTrainer (precompute_ref_log_probs, batch 8) with its CPU defaults (bf16
-          autocast + gradient checkpointing) and in fp32 without checkpointing, against
-          sftjuice's IRFT pass with references known; tokens/s counts the real (non-pad)
-          tokens of both sides.
-  gen     plain model.generate (batch 32, fp32, temperature 1) against sftjuice's sampler.
+  ceiling large square matmuls (2048^3) in fp32 and bf16, interleaved for a few seconds, best
+          rate; measured at the start and at the end of the run, the better of the two kept.
+  train   TRL DPOTrainer (precompute_ref_log_probs, batch 8) against sftjuice's IRFT pass with
+          references known; tokens/s counts the real (non-pad) tokens of both sides. TRL runs
+          without gradient checkpointing in the chosen precision (and, in the full run, in the
+          other one and with its CPU defaults: bf16 autocast + gradient checkpointing).
+  gen     plain model.generate (batch 32, temperature 1) against sftjuice's sampler.
+  decode  in one process, on the same prompts: sftjuice's sampler against a bare decode loop
+          (plain forward with a DynamicCache, greedy, every row decodes all its tokens, no
+          bookkeeping) at batch 32 and a larger batch; the gap is the sampler's own overhead.
+  profile torch.profiler over the sampler (32 prompts), its time grouped into matmuls,
+          attention, cache copies, dtype casts, the sampling draw, other tensor ops and
+          Python outside tensor ops.
   round   a whole IRFT round (sample + reference log-probs + one pass) against the same work
           composed from plain generate + TRL DPOTrainer.
-  peak    the CPU's fp32 and bf16 matmul rate; MFU = 6 * parameters * tokens/s / peak.
 
-    python benchmarks/speed.py [--quick]
+    python benchmarks/speed.py [--quick] [--bf16 auto|true|false]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
 import subprocess
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -35,12 +56,72 @@ RESULTS = HERE / "results"
 SEED = 0
 
 
+# ---------------------------------------------------------------- FLOPs the work needs
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What counting a decoder-only LM's FLOPs needs."""
+    body: int  # non-embedding parameters: the blocks and the final norm (the input embedding is a lookup)
+    head: int  # LM-head parameters, vocabulary x hidden (counted even when tied to the input embedding)
+    layers: int
+    width: int  # attention width, heads x head_dim: the query side of QK^T and of AV
+
+    @classmethod
+    def of(cls, model) -> "Shape":
+        cfg = model.config
+        embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+        body = sum(p.numel() for p in model.parameters()) - embed.numel() - (0 if head is embed else head.numel())
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        return cls(body, head.numel(), cfg.num_hidden_layers, cfg.num_attention_heads * head_dim)
+
+
+def needed_flops(shape: Shape, tokens: int = 0, head_positions: int = 0, attention: int = 0,
+                 backward: bool = False) -> float:
+    """The FLOPs some work NEEDS (what any implementation must do; not what one executes):
+
+    * ``tokens`` through the blocks: 2 x ``body`` each (one multiply-add per weight);
+    * ``head_positions``, the positions whose logits are used: 2 x ``head`` each. That is the
+      completion positions in training, the last prompt position in prefill and every decode
+      step, never the whole prompt;
+    * ``attention``, the (query, key) pairs of decode steps, i.e. the KV-cache length each new
+      token attends over, summed: 4 x ``layers`` x ``width`` each (QK^T and AV, 2 FLOPs per
+      multiply-add each). Attention inside a prompt or a training sequence is not counted:
+      below 300 tokens it is under 5% of the dense work;
+    * ``backward``: training, forward + backward = 3 x the forward.
+    """
+    flops = 2 * shape.body * tokens + 2 * shape.head * head_positions + 4 * shape.layers * shape.width * attention
+    return 3 * flops if backward else flops
+
+
+def sampling_flops(shape: Shape, prompt_lengths: list[int], sample_lengths: list[list[int]]) -> float:
+    """What sampling ``sample_lengths[i]`` (new-token counts) for prompt i needs: the prompt's
+    prefill once (its samples share its KV cache), the head on its last position (every
+    sample's first token), then one decode step per further token, attending over the prompt
+    and the tokens so far (step j of a sample attends over P + j keys)."""
+    tokens = heads = attention = 0
+    for P, lengths in zip(prompt_lengths, sample_lengths):
+        tokens, heads = tokens + P, heads + 1
+        for N in lengths:
+            steps = max(N - 1, 0)
+            tokens, heads = tokens + steps, heads + steps
+            attention += steps * P + steps * (steps + 1) // 2
+    return needed_flops(shape, tokens, heads, attention)
+
+
+def pass_flops(shape: Shape, prompt_length: int, completion_lengths: list[int], backward: bool) -> float:
+    """A prompt computed once for its completions (the shared-prompt layout), logits on the
+    completion positions only; ``backward`` for a training pass."""
+    C = sum(completion_lengths)
+    return needed_flops(shape, prompt_length + C, C, backward=backward)
+
+
 # ---------------------------------------------------------------------------- data
 
 
 def make_pairs(n: int, questions_per_prompt: int = 4) -> list[dict]:
     """Preference-style rows from the shipped demo data: a prompt of several questions, the
-    true answers (chosen) and another prompt's answers (rejected), ~140 tokens a side."""
+    true answers (chosen) and another prompt's answers (rejected), ~35 tokens a question a side."""
     from sftjuice.storage import read_jsonl
     from importlib.resources import files
 
@@ -58,15 +139,12 @@ def make_pairs(n: int, questions_per_prompt: int = 4) -> list[dict]:
     return out
 
 
-def load(bf16_weights: bool = False):
-    import torch
+def load():
     from sftjuice.config import ModelConfig
     from sftjuice.models import load_policy, load_tokenizer, resolve_model
 
     path = resolve_model("smollm2-135m-instruct")
-    model = load_policy(ModelConfig(), path, trainable=False)
-    if bf16_weights:
-        model.to(torch.bfloat16)
+    model = load_policy(ModelConfig(), path, trainable=False)  # fp32 master weights, as sftjuice trains
     return path, model, load_tokenizer(path)
 
 
@@ -74,12 +152,24 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
 
 
+def load_now() -> float:
+    return round(os.getloadavg()[0], 1)
+
+
+def autocast_for(bf16: bool):
+    """bf16 autocast over the fp32 weights, one context around a whole call (as sftjuice does)."""
+    import torch
+
+    return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
 # ---------------------------------------------------------------------- contenders
 
 
-def trl_train(args, pairs, precision: str) -> dict:
-    """TRL DPOTrainer on the pairs; the steps after its reference pre-computation are timed."""
-    import torch
+def trl_train(args, pairs, variant: str) -> dict:
+    """TRL DPOTrainer on the pairs; the steps after its reference pre-computation are timed.
+    ``variant``: fp32 or bf16 (autocast, no checkpointing), or default (TRL's CPU defaults:
+    bf16 autocast + gradient checkpointing)."""
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
@@ -89,8 +179,8 @@ def trl_train(args, pairs, precision: str) -> dict:
     rows = [{"prompt": [{"role": "user", "content": p["prompt"]}],
              "chosen": [{"role": "assistant", "content": p["chosen"]}],
              "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in pairs]
-    opts = {} if precision == "default" else {"bf16": False, "gradient_checkpointing": False}
-    cfg = DPOConfig(output_dir=str(args.work / f"trl-{precision}"), per_device_train_batch_size=8,
+    opts = {} if variant == "default" else {"bf16": variant == "bf16", "gradient_checkpointing": False}
+    cfg = DPOConfig(output_dir=str(args.work / f"trl-{variant}"), per_device_train_batch_size=8,
                     max_steps=args.train_steps, learning_rate=1e-6, precompute_ref_log_probs=True,
                     use_cpu=True, report_to=[], save_strategy="no", logging_steps=1, seed=SEED,
                     max_length=1024, dataloader_num_workers=0, **opts)
@@ -105,20 +195,23 @@ def trl_train(args, pairs, precision: str) -> dict:
             self.ended = time.time()
 
     clock = Clock()
-    t0 = time.time()
+    t0, load0 = time.time(), load_now()
     trainer = DPOTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(rows), processing_class=tok,
                          callbacks=[clock])
     trainer.train()
     ds = trainer.train_dataset
     steps = args.train_steps
-    per_step = [len(ds[i]["prompt_ids"]) * 2 + len(ds[i]["chosen_ids"]) + len(ds[i]["rejected_ids"])
-                for i in range(len(ds))]
-    # the trainer's sampler shuffles, so count the mean real length of a row per row trained on
-    tokens = sum(per_step) * steps * 8 / len(per_step)
+    shape = Shape.of(model)
+    lengths = [(len(ds[i]["prompt_ids"]), len(ds[i]["chosen_ids"]), len(ds[i]["rejected_ids"])) for i in range(len(ds))]
+    # the trainer's sampler shuffles, so count the mean real length (and need) of a row per row trained on
+    rows_trained = steps * 8
+    tokens = sum(2 * p + c + r for p, c, r in lengths) * rows_trained / len(lengths)
+    flops = sum(pass_flops(shape, p, [c, r], backward=True) for p, c, r in lengths) * rows_trained / len(lengths)
     seconds = clock.ended - clock.begun
-    return {"tokens_per_s": tokens / seconds, "train_seconds": seconds, "precompute_seconds": clock.begun - t0,
-            "wall_seconds": time.time() - t0, "peak_rss_gb": peak_rss_gb(), "steps": steps,
-            "precision": "bf16 autocast + checkpointing" if precision == "default" else "fp32"}
+    return {"tokens_per_s": tokens / seconds, "flops_per_s": flops / seconds, "train_seconds": seconds,
+            "precompute_seconds": clock.begun - t0, "wall_seconds": time.time() - t0, "peak_rss_gb": peak_rss_gb(),
+            "steps": steps, "bf16": variant != "fp32", "load": [load0, load_now()],
+            "precision": {"default": "bf16 autocast + checkpointing", "bf16": "bf16 autocast", "fp32": "fp32"}[variant]}
 
 
 def our_pairs(run, pairs):
@@ -141,7 +234,7 @@ def start(args, pairs, name: str, **overrides):
     data = args.work / f"{name}.jsonl"
     write_jsonl(data, [{"prompt": p["prompt"], "completion": p["chosen"]} for p in pairs])
     options = dict(per_device_batch_size=8, learning_rate=1e-6, lr_scheduler="constant", seed=SEED,
-                   max_new_tokens=args.new_tokens, generation_batch_size=32)
+                   max_new_tokens=args.new_tokens, generation_batch_size=32, bf16=args.precision == "bf16")
     cfg = IRFTConfig(data=str(data), output=str(args.work / name), overwrite=True, **{**options, **overrides})
     return start_run(cfg)
 
@@ -150,29 +243,24 @@ def ours_train(args, pairs) -> dict:
     from sftjuice.algorithms.irft import pair_micro_loss
     from sftjuice.algorithms.rounds import samples_in
 
-    run = start(args, pairs, "ours-train")
+    run = start(args, pairs, f"ours-train-{args.precision}")
     learner = run.learner(run.policy_model, run.cfg.learning_rate, args.train_steps)
     items = our_pairs(run, pairs)
     loss = pair_micro_loss(learner, run.cfg)
+    shape = Shape.of(learner.model)
     tokens = flops = 0
-    # FLOPs actually executed: the shared prompt runs once for both sides, the LM head only
-    # on completion positions, and the input embedding is a lookup
-    model = learner.model
-    head = model.get_output_embeddings().weight.numel()
-    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
-    body = sum(p.numel() for p in model.parameters()) - head - (0 if tied else model.get_input_embeddings().weight.numel())
-    t0 = time.time()
+    t0, load0 = time.time(), load_now()
     for step in range(args.train_steps):
         batch = items[step * 8: (step + 1) * 8]
         learner.step(batch, loss, samples_in, length=len)
         for x in batch:
-            completions = len(x.example.completion_ids) + len(x.samples[0].token_ids)
-            tokens += 2 * len(x.example.prompt_ids) + completions
-            flops += 6 * body * (len(x.example.prompt_ids) + completions) + 6 * head * completions
+            completions = [len(x.example.completion_ids), len(x.samples[0].token_ids)]
+            tokens += 2 * len(x.example.prompt_ids) + sum(completions)  # as TRL's rows count them
+            flops += pass_flops(shape, len(x.example.prompt_ids), completions, backward=True)
     seconds = time.time() - t0
-    return {"tokens_per_s": tokens / seconds, "executed_flops_per_s": flops / seconds, "train_seconds": seconds,
-            "peak_rss_gb": peak_rss_gb(), "steps": args.train_steps, "precision": "fp32",
-            "parameters": sum(p.numel() for p in model.parameters())}
+    return {"tokens_per_s": tokens / seconds, "flops_per_s": flops / seconds, "train_seconds": seconds,
+            "peak_rss_gb": peak_rss_gb(), "steps": args.train_steps, "bf16": run.cfg.bf16, "load": [load0, load_now()],
+            "precision": "bf16 autocast" if run.cfg.bf16 else "fp32", "shape": asdict(shape)}
 
 
 def prompts_of(tok, pairs) -> list[list[int]]:
@@ -182,6 +270,11 @@ def prompts_of(tok, pairs) -> list[list[int]]:
     return [chat.prompt_ids([{"role": "user", "content": p["prompt"]}]) for p in pairs]
 
 
+def real_lengths(rows: list[list[int]], eos: int) -> list[int]:
+    """New tokens of each generated row: up to and including its first end-of-turn token."""
+    return [row.index(eos) + 1 if eos in row else len(row) for row in rows]
+
+
 def plain_generate(args, pairs) -> dict:
     import torch
 
@@ -189,18 +282,19 @@ def plain_generate(args, pairs) -> dict:
     torch.manual_seed(SEED)
     prompts = prompts_of(tok, pairs)
     tok.padding_side = "left"
-    new = 0
-    t0 = time.time()
-    for i in range(0, len(prompts), 32):
-        enc = tok.pad({"input_ids": prompts[i: i + 32]}, return_tensors="pt")
-        out = model.generate(**enc, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                             max_new_tokens=args.new_tokens, pad_token_id=tok.pad_token_id)
-        gen = out[:, enc["input_ids"].shape[1]:]
-        # real new tokens: up to and including the first end-of-turn token of each row
-        for row in gen.tolist():
-            new += row.index(tok.eos_token_id) + 1 if tok.eos_token_id in row else len(row)
+    lengths = []
+    t0, load0 = time.time(), load_now()
+    with autocast_for(args.precision == "bf16"):
+        for i in range(0, len(prompts), 32):
+            enc = tok.pad({"input_ids": prompts[i: i + 32]}, return_tensors="pt")
+            out = model.generate(**enc, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                                 max_new_tokens=args.new_tokens, pad_token_id=tok.pad_token_id)
+            lengths += real_lengths(out[:, enc["input_ids"].shape[1]:].tolist(), tok.eos_token_id)
     seconds = time.time() - t0
-    return {"new_tokens_per_s": new / seconds, "seconds": seconds, "new_tokens": new, "peak_rss_gb": peak_rss_gb()}
+    flops = sampling_flops(Shape.of(model), list(map(len, prompts)), [[n] for n in lengths])
+    return {"new_tokens_per_s": sum(lengths) / seconds, "flops_per_s": flops / seconds, "seconds": seconds,
+            "new_tokens": sum(lengths), "peak_rss_gb": peak_rss_gb(), "bf16": args.precision == "bf16",
+            "load": [load0, load_now()]}
 
 
 def ours_generate(args, pairs) -> dict:
@@ -210,11 +304,122 @@ def ours_generate(args, pairs) -> dict:
     _, model, tok = load()
     prompts = prompts_of(tok, pairs)
     cfg = SamplingConfig(max_new_tokens=args.new_tokens, generation_batch_size=32)
-    t0 = time.time()
-    out = sample(model, prompts, cfg, [tok.eos_token_id], tok.pad_token_id, seed=SEED, progress=False)
+    t0, load0 = time.time(), load_now()
+    out = sample(model, prompts, cfg, [tok.eos_token_id], tok.pad_token_id, seed=SEED, bf16=args.precision == "bf16",
+                 progress=False)
     seconds = time.time() - t0
-    new = sum(len(s.token_ids) for ss in out for s in ss)
-    return {"new_tokens_per_s": new / seconds, "seconds": seconds, "new_tokens": new, "peak_rss_gb": peak_rss_gb()}
+    lengths = [[len(s.token_ids) for s in ss] for ss in out]
+    flops = sampling_flops(Shape.of(model), list(map(len, prompts)), lengths)
+    new = sum(map(sum, lengths))
+    return {"new_tokens_per_s": new / seconds, "flops_per_s": flops / seconds, "seconds": seconds, "new_tokens": new,
+            "peak_rss_gb": peak_rss_gb(), "bf16": args.precision == "bf16", "load": [load0, load_now()]}
+
+
+def bare_decode(model, prompts: list[list[int]], batch: int, new_tokens: int, pad_id: int, bf16: bool) -> list[list[int]]:
+    """The floor a sampler is held against: prompts sorted by length, ``batch`` at a time,
+    left-padded; a plain forward with a DynamicCache; greedy (argmax); every row decodes
+    ``new_tokens`` tokens (no stop, no log-probs, no per-row work)."""
+    import torch
+    from transformers import DynamicCache
+
+    from sftjuice.models import with_cache
+
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    out: list[list[int]] = [[] for _ in prompts]
+    with torch.inference_mode(), autocast_for(bf16):
+        for s in range(0, len(order), batch):
+            chunk = [prompts[i] for i in order[s: s + batch]]
+            P = max(map(len, chunk))
+            ids = torch.tensor([[pad_id] * (P - len(p)) + p for p in chunk])
+            mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in chunk])
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            cache = DynamicCache()
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
+                           **with_cache(model, cache)).logits
+            nxt, pos, steps = logits[:, -1].argmax(-1, keepdim=True), pos[:, -1:], []
+            for _ in range(new_tokens - 1):
+                steps.append(nxt)
+                mask, pos = torch.cat([mask, mask.new_ones((len(chunk), 1))], 1), pos + 1
+                logits = model(input_ids=nxt, attention_mask=mask, position_ids=pos, use_cache=True,
+                               **with_cache(model, cache)).logits
+                nxt = logits[:, -1].argmax(-1, keepdim=True)
+            steps.append(nxt)
+            for i, row in zip(order[s: s + batch], torch.cat(steps, 1).tolist()):
+                out[i] = row
+    return out
+
+
+def decode(args, pairs) -> dict:
+    """The sampler against the bare loop, same process, same prompts, each batch size and
+    precision: tokens/s and the FLOPs each needs per second."""
+    from sftjuice.config import SamplingConfig
+    from sftjuice.generation import sample
+
+    _, model, tok = load()
+    shape = Shape.of(model)
+    prompts = prompts_of(tok, pairs)
+    out = []
+    chosen = args.precision == "bf16"  # every batch size in the chosen precision, the first in the other too
+    for bf16, batch in [(chosen, b) for b in args.decode_batches] + [(not chosen, args.decode_batches[0])]:
+        ps = prompts[:batch]
+        load0, t0 = load_now(), time.time()
+        samples = sample(model, ps, SamplingConfig(max_new_tokens=args.new_tokens, generation_batch_size=batch),
+                         [tok.eos_token_id], tok.pad_token_id, seed=SEED, bf16=bf16, progress=False)
+        t1 = time.time()
+        rows = bare_decode(model, ps, batch, args.new_tokens, tok.pad_token_id, bf16)
+        t2 = time.time()
+        ours = [[len(s.token_ids) for s in ss] for ss in samples]
+        bare = [[len(r)] for r in rows]
+        for name, lengths, seconds in (("sampler", ours, t1 - t0), ("bare loop", bare, t2 - t1)):
+            out.append({"what": name, "batch": batch, "bf16": bf16, "seconds": seconds,
+                        "new_tokens": sum(map(sum, lengths)), "new_tokens_per_s": sum(map(sum, lengths)) / seconds,
+                        "flops_per_s": sampling_flops(shape, list(map(len, ps)), lengths) / seconds,
+                        "load": [load0, load_now()]})
+    return {"runs": out}
+
+
+# what the profile's operators are spent on
+PROFILE_GROUPS = {
+    "matmuls (linear layers, LM head)": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear"),
+    "attention (sdpa)": ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::scaled_dot_product_attention",
+                         "aten::_scaled_dot_product_attention_math"),
+    "cache growth and reorder (cat, index, index_select, repeat_interleave)": (
+        "aten::cat", "aten::index", "aten::index_select", "aten::repeat_interleave", "aten::index_put_",
+        "aten::_index_put_impl_"),
+    "dtype casts and copies (copy_, _to_copy)": ("aten::copy_", "aten::_to_copy", "aten::to", "aten::clone"),
+    "sampling draw (softmax, cumsum, searchsorted, log_softmax, gather, rand)": (
+        "aten::_softmax", "aten::softmax", "aten::cumsum", "aten::searchsorted", "aten::_log_softmax",
+        "aten::log_softmax", "aten::gather", "aten::uniform_", "aten::rand", "aten::sort", "aten::isin",
+        "aten::argmax"),
+}
+
+
+def profile(args, pairs) -> dict:
+    """torch.profiler over one sampler call (after a warm-up call): each operator's self time,
+    grouped; what is left of the wall time is Python and dispatch outside tensor operators."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    from sftjuice.config import SamplingConfig
+    from sftjuice.generation import sample
+
+    _, model, tok = load()
+    prompts = prompts_of(tok, pairs)
+    cfg = SamplingConfig(max_new_tokens=args.new_tokens, generation_batch_size=32)
+    bf16 = args.precision == "bf16"
+    sample(model, prompts[:4], cfg, [tok.eos_token_id], tok.pad_token_id, seed=1, bf16=bf16, progress=False)
+    load0 = load_now()
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.time()
+        out = sample(model, prompts, cfg, [tok.eos_token_id], tok.pad_token_id, seed=SEED, bf16=bf16, progress=False)
+        wall = time.time() - t0
+    ops = {e.key: e.self_cpu_time_total / 1e6 for e in prof.key_averages()}
+    groups = {g: sum(ops.pop(k, 0.0) for k in keys) for g, keys in PROFILE_GROUPS.items()}
+    groups["other tensor ops (norms, rotary, activations, masks)"] = sum(ops.values())
+    groups["Python and dispatch outside tensor ops"] = max(0.0, wall - sum(groups.values()))
+    top = sorted(((k, v) for k, v in {e.key: e.self_cpu_time_total / 1e6 for e in prof.key_averages()}.items()),
+                 key=lambda kv: -kv[1])[:12]
+    return {"wall_seconds": wall, "groups": groups, "top_ops": top, "prompts": len(prompts), "bf16": bf16,
+            "new_tokens": sum(len(s.token_ids) for ss in out for s in ss), "load": [load0, load_now()]}
 
 
 def ours_round(args, pairs) -> dict:
@@ -223,11 +428,11 @@ def ours_round(args, pairs) -> dict:
     from sftjuice.algorithms.irft import demonstration_logprobs, pair_micro_loss
     from sftjuice.training import weights_fingerprint
 
-    run = start(args, pairs, f"ours-round-{len(pairs)}-{args.max_length}", max_length=args.max_length,
+    run = start(args, pairs, f"ours-round-{len(pairs)}-{args.max_length}-{args.precision}", max_length=args.max_length,
                 max_prompt_length=args.max_length)
     learner = run.learner(run.policy_model, run.cfg.learning_rate, len(pairs) // 8 + 1)
     loss = pair_micro_loss(learner, run.cfg)
-    t0 = time.time()
+    t0, load0 = time.time(), load_now()
     rows = rounds.sample_round(run, 0, list(range(len(run.examples))), SEED, weights_fingerprint(run.policy),
                                annotate=demonstration_logprobs(run))
     items = rounds.groups_of(rows, run.examples)
@@ -235,80 +440,108 @@ def ours_round(args, pairs) -> dict:
     for batch in rounds.batches(run, len(items), 0, 0):
         learner.step([items[i] for i in batch], loss, rounds.samples_in, length=len)
     t2 = time.time()
+    shape = Shape.of(learner.model)
+    prompt_lengths = [len(g.example.prompt_ids) for g in items]
+    flops = (sampling_flops(shape, prompt_lengths, [[len(s.token_ids) for s in g.samples] for g in items])
+             + sum(pass_flops(shape, P, [len(g.example.completion_ids)], backward=False) for P, g in zip(prompt_lengths, items))
+             + sum(pass_flops(shape, P, list(map(len, g.completions)), backward=True) for P, g in zip(prompt_lengths, items)))
     return {"seconds": t2 - t0, "generate_and_reference_seconds": t1 - t0, "train_seconds": t2 - t1,
-            "peak_rss_gb": peak_rss_gb(), "prompts": len(pairs), "max_length": args.max_length}
+            "flops_per_s": flops / (t2 - t0), "peak_rss_gb": peak_rss_gb(), "prompts": len(pairs),
+            "max_length": args.max_length, "bf16": run.cfg.bf16, "load": [load0, load_now()]}
 
 
 def composed_round(args, pairs) -> dict:
-    """The same round from stock parts: plain generate, then TRL DPOTrainer (fp32, reference
-    log-probs precomputed) on (demonstration, sample) pairs."""
+    """The same round from stock parts: plain generate, then TRL DPOTrainer (reference
+    log-probs precomputed, no checkpointing, the same precision) on (demonstration, sample) pairs."""
     import torch
 
     _, model, tok = load()
     torch.manual_seed(SEED)
     prompts = prompts_of(tok, pairs)
     tok.padding_side = "left"
-    t0 = time.time()
+    t0, load0 = time.time(), load_now()
     samples = []
-    for i in range(0, len(prompts), 32):
-        enc = tok.pad({"input_ids": prompts[i: i + 32]}, return_tensors="pt")
-        out = model.generate(**enc, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                             max_new_tokens=args.new_tokens, pad_token_id=tok.pad_token_id)
-        samples += tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    with autocast_for(args.precision == "bf16"):
+        for i in range(0, len(prompts), 32):
+            enc = tok.pad({"input_ids": prompts[i: i + 32]}, return_tensors="pt")
+            out = model.generate(**enc, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                                 max_new_tokens=args.new_tokens, pad_token_id=tok.pad_token_id)
+            samples += tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     generate_seconds = time.time() - t0
     del model
     dpo_pairs = [{**p, "rejected": s} for p, s in zip(pairs, samples)]
     args.train_steps = len(pairs) // 8
-    trl = trl_train(args, dpo_pairs, "fp32")
+    trl = trl_train(args, dpo_pairs, args.precision)
     return {"seconds": generate_seconds + trl["wall_seconds"], "generate_seconds": generate_seconds,
-            "trl_seconds": trl["wall_seconds"], "peak_rss_gb": peak_rss_gb()}
+            "trl_seconds": trl["wall_seconds"], "peak_rss_gb": peak_rss_gb(), "bf16": args.precision == "bf16",
+            "load": [load0, load_now()]}
 
 
-def matmul_peak(args, pairs) -> dict:
+def matmul_ceiling(args, pairs) -> dict:
+    """The machine's matmul ceiling per precision: 2048 x 2048 @ 2048 x 2048 products, fp32 and
+    bf16 interleaved (so a busy moment slows both alike) for ``args.ceiling_seconds`` each;
+    the best single product's rate."""
     import torch
 
-    out = {}
-    for name, dtype, n in (("fp32", torch.float32, 2048), ("bf16", torch.bfloat16, 1024)):
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        a @ b
-        reps, t0 = 0, time.time()
-        while time.time() - t0 < 2.0:
+    n = 2048
+    mats = {name: (torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype))
+            for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    best = dict.fromkeys(mats, 0.0)
+    spent = dict.fromkeys(mats, 0.0)
+    for a, b in mats.values():
+        a @ b  # warm-up
+    load0 = load_now()
+    while min(spent.values()) < args.ceiling_seconds:
+        for name, (a, b) in mats.items():
+            t0 = time.perf_counter()
             a @ b
-            reps += 1
-        out[f"{name}_gflops"] = 2 * n ** 3 * reps / (time.time() - t0) / 1e9
-    return out
+            dt = time.perf_counter() - t0
+            spent[name] += dt
+            best[name] = max(best[name], 2 * n ** 3 / dt / 1e9)
+    return {**{f"{k}_gflops": v for k, v in best.items()}, "load": [load0, load_now()]}
 
 
 CONTENDERS = {"trl-default": lambda a, p: trl_train(a, p, "default"), "trl-fp32": lambda a, p: trl_train(a, p, "fp32"),
+              "trl-bf16": lambda a, p: trl_train(a, p, "bf16"),
               "ours-train": ours_train, "plain-generate": plain_generate, "ours-generate": ours_generate,
-              "ours-round": ours_round, "composed-round": composed_round, "peak": matmul_peak}
+              "decode": decode, "profile": profile, "ours-round": ours_round, "composed-round": composed_round,
+              "ceiling": matmul_ceiling}
 
 
 # -------------------------------------------------------------------- orchestration
 
 
 def run_contender(name: str, args, **extra) -> dict:
-    cmd = [sys.executable, __file__, "--contender", name, "--work", str(args.work), "--pairs", str(extra.get("pairs", args.pairs)),
+    opts = {"pairs": args.pairs, "max_length": args.max_length, "precision": args.precision, **extra}
+    cmd = [sys.executable, __file__, "--contender", name, "--work", str(args.work), "--pairs", str(opts["pairs"]),
            "--train-steps", str(args.train_steps), "--new-tokens", str(args.new_tokens),
-           "--max-length", str(extra.get("max_length", args.max_length))]
+           "--max-length", str(opts["max_length"]), "--precision", opts["precision"],
+           "--ceiling-seconds", str(args.ceiling_seconds), "--decode-batches", *map(str, args.decode_batches)]
     print(f"  running {name} {extra or ''} ...", end=" ", flush=True)
     t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
-    print(f"{time.time() - t0:.0f} s", flush=True)
+    print(f"{time.time() - t0:.0f} s (load {os.getloadavg()[0]:.1f})", flush=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="fewer steps and a smaller cost curve (< 10 minutes)")
+    ap.add_argument("--quick", action="store_true",
+                    help="fewer steps, shorter sequences, a smaller cost curve (about 10 minutes on 2 idle cores)")
+    ap.add_argument("--bf16", choices=["auto", "true", "false"], default="false",
+                    help="precision of our contenders: sftjuice's default (false: fp32), or auto = "
+                         "sftjuice.models.bf16_is_fast()")
     ap.add_argument("--contender", help=argparse.SUPPRESS)
+    ap.add_argument("--precision", choices=["fp32", "bf16"], help=argparse.SUPPRESS)
     ap.add_argument("--work", type=Path, default=Path("/tmp/sftjuice-speed"))
     ap.add_argument("--pairs", type=int, default=64)
     ap.add_argument("--train-steps", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--decode-batches", type=int, nargs="+", default=[32, 128])
+    ap.add_argument("--ceiling-seconds", type=float, default=4.0)
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     if args.contender:
@@ -316,68 +549,122 @@ def main() -> None:
         result = CONTENDERS[args.contender](args, make_pairs(args.pairs, max(1, args.max_length // 64)))
         print(json.dumps(result))
         return
-    round_pairs = args.pairs
-    if args.quick:  # same contenders, less work: 4 training steps, 32 new tokens, 16-prompt rounds
-        args.train_steps, args.pairs, args.new_tokens, round_pairs = 4, 32, 32, 16
-    r = {name: run_contender(name, args) for name in ("peak", "ours-train", "trl-fp32", "ours-generate", "plain-generate")}
-    # TRL's CPU defaults autocast to bf16; where the CPU has no bf16 matrix unit that runs at
-    # about 1 GFLOP/s (a step would take tens of minutes), so it is only run where bf16 is fast
-    bf16_usable = r["peak"]["bf16_gflops"] > 0.5 * r["peak"]["fp32_gflops"]
-    r["trl-default"] = run_contender("trl-default", args) if bf16_usable else None
+    from sftjuice.models import bf16_is_fast
+
+    args.precision = {"true": "bf16", "false": "fp32"}.get(args.bf16) or ("bf16" if bf16_is_fast() else "fp32")
+    other = "fp32" if args.precision == "bf16" else "bf16"
+    round_pairs, curve_sizes = args.pairs, [(64, 128), (64, 256), (64, 512), (128, 256), (256, 256)]
+    if args.quick:  # the same contenders on less work
+        args.train_steps, args.pairs, args.new_tokens, args.max_length = 3, 32, 32, 128
+        args.decode_batches, args.ceiling_seconds, round_pairs = [32, 96], 3.0, 16
+        curve_sizes = [(16, 128), (16, 256)]
+    print(f"precision of our contenders: {args.precision} ({'--bf16 ' + args.bf16}); load {os.getloadavg()[0]:.1f}")
+    r = {"ceiling-start": run_contender("ceiling", args)}
+    r["ours-train"] = run_contender("ours-train", args)
+    r[f"trl-{args.precision}"] = run_contender(f"trl-{args.precision}", args)
+    r["ours-generate"] = run_contender("ours-generate", args)
+    r["plain-generate"] = run_contender("plain-generate", args)
+    r["decode"] = run_contender("decode", args, pairs=max(args.decode_batches))
+    r["profile"] = run_contender("profile", args, pairs=32)
+    if not args.quick:  # the other precision, and TRL's CPU defaults (bf16 + checkpointing) where bf16 is fast
+        r[f"ours-train-{other}"] = run_contender("ours-train", args, precision=other)
+        r[f"trl-{other}"] = run_contender(f"trl-{other}", args)
+        if r["ceiling-start"]["bf16_gflops"] > r["ceiling-start"]["fp32_gflops"]:
+            r["trl-default"] = run_contender("trl-default", args)
     r["ours-round"] = run_contender("ours-round", args, pairs=round_pairs)
     r["composed-round"] = run_contender("composed-round", args, pairs=round_pairs)
-    if args.quick:
-        sizes = [(8, 128), (8, 256), (16, 256)]
-    else:
-        sizes = [(64, 128), (64, 256), (64, 512), (128, 256), (256, 256)]
     curve = [r["ours-round"] if (p, m) == (round_pairs, args.max_length) else run_contender("ours-round", args, pairs=p, max_length=m)
-             for p, m in sizes]
+             for p, m in curve_sizes]
+    r["ceiling-end"] = run_contender("ceiling", args)
     report(args, r, curve)
 
 
 def report(args, r: dict, curve: list[dict]) -> None:
     from sftjuice.report import markdown_table, text_table
 
-    trl_runs = [x for x in (r["trl-fp32"], r["trl-default"]) if x]
-    skipped = [] if r["trl-default"] else [{"what": "train: TRL DPOTrainer (its CPU defaults: bf16 autocast + checkpointing)",
-                                            "rate": "not run", "peak RSS GB": "", "note": f"bf16 matmul here: {r['peak']['bf16_gflops']:.1f} GFLOP/s"}]
+    ceiling = {k: max(r["ceiling-start"][f"{k}_gflops"], r["ceiling-end"][f"{k}_gflops"]) * 1e9 for k in ("fp32", "bf16")}
+
+    def of_ceiling(x: dict) -> float:
+        return x["flops_per_s"] / ceiling["bf16" if x["bf16"] else "fp32"]
+
+    def precision(x: dict) -> str:
+        return x.get("precision") or ("bf16 autocast" if x["bf16"] else "fp32")
+
+    def load(x: dict) -> str:
+        return "{:.1f}-{:.1f}".format(*x["load"])
+
+    trl_runs = [v for k, v in r.items() if k.startswith("trl-")]
     best_trl = max(trl_runs, key=lambda x: x["tokens_per_s"])
     ours = r["ours-train"]
-    peak = r["peak"]["fp32_gflops"] * 1e9
-    # 6 x parameters x counted tokens over-states the work of the shared-prompt path (its
-    # prompt tokens count twice but run once), so MFU is taken from the FLOPs executed
-    mfu = ours["executed_flops_per_s"] / peak
-    nominal_mfu = 6 * ours["parameters"] * ours["tokens_per_s"] / peak
+    gen, plain = r["ours-generate"], r["plain-generate"]
     summary = {
         "train_x": ours["tokens_per_s"] / best_trl["tokens_per_s"],
-        "gen_x": r["ours-generate"]["new_tokens_per_s"] / r["plain-generate"]["new_tokens_per_s"],
+        "gen_x": gen["new_tokens_per_s"] / plain["new_tokens_per_s"],
         "round_x": r["composed-round"]["seconds"] / r["ours-round"]["seconds"],
-        "mfu": mfu,
+        "mfu": ours["flops_per_s"] / ceiling["fp32"],
         "rss_ratio": ours["peak_rss_gb"] / best_trl["peak_rss_gb"],
+        "train_ceiling": of_ceiling(ours),
+        "gen_ceiling": of_ceiling(gen),
+        "bf16": int(ours["bf16"]),
     }
+    ours_trains = [v for k, v in r.items() if k.startswith("ours-train")]
     rows = [
-        {"what": "train: sftjuice IRFT pass", "rate": f"{ours['tokens_per_s']:.0f} tok/s", "peak RSS GB": f"{ours['peak_rss_gb']:.2f}",
-         "note": f"{ours['precision']}; MFU {mfu:.2f} of FLOPs executed (6 x params x tok/s would say {nominal_mfu:.2f})"},
-        *({"what": f"train: TRL DPOTrainer ({x['precision']})", "rate": f"{x['tokens_per_s']:.0f} tok/s",
-           "peak RSS GB": f"{x['peak_rss_gb']:.2f}", "note": f"+{x['precompute_seconds']:.0f} s setup (tokenise, reference precompute)"} for x in trl_runs),
-        *skipped,
-        {"what": "generate: sftjuice sampler", "rate": f"{r['ours-generate']['new_tokens_per_s']:.0f} new tok/s", "peak RSS GB": f"{r['ours-generate']['peak_rss_gb']:.2f}", "note": "batch 32, fp32"},
-        {"what": "generate: model.generate", "rate": f"{r['plain-generate']['new_tokens_per_s']:.0f} new tok/s", "peak RSS GB": f"{r['plain-generate']['peak_rss_gb']:.2f}", "note": "batch 32, fp32"},
-        {"what": "round: sftjuice IRFT", "rate": f"{r['ours-round']['seconds']:.0f} s", "peak RSS GB": f"{r['ours-round']['peak_rss_gb']:.2f}", "note": f"{r['ours-round']['prompts']} prompts, {args.new_tokens} new tokens"},
-        {"what": "round: generate + TRL DPO", "rate": f"{r['composed-round']['seconds']:.0f} s", "peak RSS GB": f"{r['composed-round']['peak_rss_gb']:.2f}", "note": f"{r['ours-round']['prompts']} prompts, {args.new_tokens} new tokens"},
-        {"what": "CPU matmul peak", "rate": f"fp32 {r['peak']['fp32_gflops']:.0f} / bf16 {r['peak']['bf16_gflops']:.0f} GFLOP/s", "peak RSS GB": "", "note": ""},
+        *({"what": "train: sftjuice IRFT pass", "rate": f"{x['tokens_per_s']:.0f} tok/s", "of ceiling": f"{of_ceiling(x):.2f}",
+           "peak RSS GB": f"{x['peak_rss_gb']:.2f}", "load": load(x), "note": f"{precision(x)}; {x['steps']} steps of 8 pairs"}
+          for x in ours_trains),
+        *({"what": "train: TRL DPOTrainer", "rate": f"{x['tokens_per_s']:.0f} tok/s", "of ceiling": f"{of_ceiling(x):.2f}",
+           "peak RSS GB": f"{x['peak_rss_gb']:.2f}", "load": load(x),
+           "note": f"{precision(x)}; +{x['precompute_seconds']:.0f} s setup (tokenise, reference precompute)"} for x in trl_runs),
+        {"what": "generate: sftjuice sampler", "rate": f"{gen['new_tokens_per_s']:.0f} new tok/s", "of ceiling": f"{of_ceiling(gen):.2f}",
+         "peak RSS GB": f"{gen['peak_rss_gb']:.2f}", "load": load(gen), "note": f"batch 32, {precision(gen)}"},
+        {"what": "generate: model.generate", "rate": f"{plain['new_tokens_per_s']:.0f} new tok/s", "of ceiling": f"{of_ceiling(plain):.2f}",
+         "peak RSS GB": f"{plain['peak_rss_gb']:.2f}", "load": load(plain), "note": f"batch 32, {precision(plain)}"},
+        {"what": "round: sftjuice IRFT", "rate": f"{r['ours-round']['seconds']:.0f} s", "of ceiling": f"{of_ceiling(r['ours-round']):.2f}",
+         "peak RSS GB": f"{r['ours-round']['peak_rss_gb']:.2f}", "load": load(r["ours-round"]),
+         "note": f"{r['ours-round']['prompts']} prompts, {args.new_tokens} new tokens, {precision(r['ours-round'])}"},
+        {"what": "round: generate + TRL DPO", "rate": f"{r['composed-round']['seconds']:.0f} s", "of ceiling": "",
+         "peak RSS GB": f"{r['composed-round']['peak_rss_gb']:.2f}", "load": load(r["composed-round"]),
+         "note": f"{r['ours-round']['prompts']} prompts, {args.new_tokens} new tokens, {precision(r['composed-round'])}"},
+        {"what": "ceiling: CPU matmul (2048^3, best)", "rate": f"fp32 {ceiling['fp32'] / 1e9:.0f} / bf16 {ceiling['bf16'] / 1e9:.0f} GFLOP/s",
+         "of ceiling": "1", "peak RSS GB": "", "load": f"{load(r['ceiling-start'])}, {load(r['ceiling-end'])}",
+         "note": "start of run: fp32 {:.0f} / bf16 {:.0f}; end: fp32 {:.0f} / bf16 {:.0f}".format(
+             r["ceiling-start"]["fp32_gflops"], r["ceiling-start"]["bf16_gflops"], r["ceiling-end"]["fp32_gflops"], r["ceiling-end"]["bf16_gflops"])},
     ]
-    columns = ["what", "rate", "peak RSS GB", "note"]
+    columns = ["what", "rate", "of ceiling", "peak RSS GB", "load", "note"]
+    decode_rows = [{"decoder": x["what"], "batch": x["batch"], "precision": "bf16 autocast" if x["bf16"] else "fp32",
+                    "new tok/s": f"{x['new_tokens_per_s']:.0f}", "of ceiling": f"{of_ceiling(x):.3f}",
+                    "new tokens": x["new_tokens"], "load": load(x)} for x in r["decode"]["runs"]]
+    prof = r["profile"]
+    profile_rows = [{"where the sampler's time goes": k, "seconds": f"{v:.1f}", "share": f"{v / prof['wall_seconds']:.0%}"}
+                    for k, v in sorted(prof["groups"].items(), key=lambda kv: -kv[1])]
     curve_rows = [{"prompts": c["prompts"], "max length": c["max_length"], "round seconds": f"{c['seconds']:.1f}",
-                   "peak RSS GB": f"{c['peak_rss_gb']:.2f}"} for c in curve]
-    last = "speed: " + " ".join(f"{k}={v:.2f}" for k, v in summary.items())
-    print("\n" + text_table(rows, columns) + "\n\ncost curve (sftjuice IRFT round)\n" + text_table(curve_rows, list(curve_rows[0])))
+                   "of ceiling": f"{of_ceiling(c):.2f}", "peak RSS GB": f"{c['peak_rss_gb']:.2f}", "load": load(c)} for c in curve]
+    last = "speed: " + " ".join(f"{k}={v}" if isinstance(v, int) else f"{k}={v:.2f}" for k, v in summary.items())
+    decode_note = ("Sampler: sftjuice's, temperature 1, rows leave the batch at their end-of-turn token. Bare loop: "
+                   "plain forward + DynamicCache, greedy, every row decodes all its tokens, no bookkeeping. "
+                   "Same process, same prompts, one after the other; 'of ceiling' counts the FLOPs each needs "
+                   "(benchmarks/speed.py: needed_flops) over the ceiling of its precision.")
+    profile_note = (f"torch.profiler over one sampler call: {prof['prompts']} prompts, batch 32, {args.new_tokens} new tokens "
+                    f"({prof['new_tokens']} sampled), {'bf16 autocast' if prof['bf16'] else 'fp32'}, "
+                    f"{prof['wall_seconds']:.0f} s under the profiler, load {load(prof)}. Top operators (self seconds): "
+                    + ", ".join(f"{k} {v:.1f}" for k, v in prof["top_ops"][:8]) + ".")
+    print("\n" + text_table(rows, columns) + "\n\ndecode: sampler against a bare loop\n" + text_table(decode_rows, list(decode_rows[0]))
+          + "\n\nsampler profile\n" + text_table(profile_rows, list(profile_rows[0]))
+          + "\n\ncost curve (sftjuice IRFT round)\n" + text_table(curve_rows, list(curve_rows[0])))
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "speed.md").write_text(
         f"# Speed ({'quick' if args.quick else 'full'} run, {time.strftime('%Y-%m-%d')}, SmolLM2-135M, {os.cpu_count()} CPU cores)\n\n"
-        + markdown_table(rows, columns) + "\n## Cost curve\n\n" + markdown_table(curve_rows, list(curve_rows[0]))
+        f"Our contenders ran in {precision({'bf16': summary['bf16']})} (`--bf16 {args.bf16}`; sftjuice's `bf16_is_fast()` "
+        f"says {'bf16' if args.precision == 'bf16' else 'fp32'} here). 'of ceiling': the FLOPs the work needs "
+        "(`needed_flops` in benchmarks/speed.py) per second over the best matmul rate of the precision used. "
+        "'load': the 1-minute load average at the start and end of each contender (other jobs share the cores).\n\n"
+        + markdown_table(rows, columns)
+        + "\n## Decode: sampler against a bare loop\n\n" + decode_note + "\n\n" + markdown_table(decode_rows, list(decode_rows[0]))
+        + "\n## Sampler profile\n\n" + profile_note + "\n\n" + markdown_table(profile_rows, list(profile_rows[0]))
+        + "\n## Cost curve\n\n" + markdown_table(curve_rows, list(curve_rows[0]))
         + f"\n`{last}`\n")
-    (RESULTS / "speed.json").write_text(json.dumps({"summary": summary, "nominal_mfu": nominal_mfu, "runs": r, "curve": curve}, indent=1))
+    (RESULTS / "speed.json").write_text(json.dumps({"summary": summary, "ceiling_gflops": {k: v / 1e9 for k, v in ceiling.items()},
+                                                    "precision": args.precision, "runs": r, "curve": curve}, indent=1))
     print(last)
 
 
