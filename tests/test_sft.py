@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -192,6 +193,50 @@ def test_report_to_tensorboard_writes_the_numbers_of_metrics_jsonl(tiny_model_di
     acc = EventAccumulator(str(out / "sftjuice"))
     acc.Reload()
     logged = [(e.step, e.value) for e in acc.Scalars("train/loss")]
+    expected = [(m["step"], m["loss"]) for m in read_metrics(out)]
+    assert [s for s, _ in logged] == [s for s, _ in expected] and len(expected) == 6
+    for (_, a), (_, b) in zip(logged, expected):
+        assert a == pytest.approx(b, rel=1e-6)
+
+
+def wandb_records(path: Path) -> list[bytes]:
+    """The records of a .wandb transaction log: a 7-byte header (":W&B", magic, version),
+    then LevelDB's log format, 32 KiB blocks of chunks (crc32c, length, type: 1 full, 2 first,
+    3 middle, 4 last) whose tail under 7 bytes is padding."""
+    data, block, pos, records, part = path.read_bytes(), 32768, 7, [], b""
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(data[pos + 4: pos + 6], "little"), data[pos + 6]
+        chunk, pos = data[pos + 7: pos + 7 + length], pos + 7 + length
+        if kind == 0:
+            break
+        part = chunk if kind in (1, 2) else part + chunk
+        if kind in (1, 4):
+            records.append(part)
+    return records
+
+
+def test_report_to_wandb_offline_logs_the_numbers_of_metrics_jsonl(tiny_model_dir, demo_file, tmp_path):
+    """W&B in offline mode (no account, no network): the history in the run's .wandb file
+    holds metrics.jsonl's losses at their steps."""
+    wandb = pytest.importorskip("wandb")
+    from wandb.proto.wandb_internal_pb2 import Record
+
+    out = tmp_path / "o"
+    run_cli("train", "--model", tiny_model_dir, "--data", demo_file, "--output", out, *TRAIN, "--report-to", "wandb",
+            env={"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"})
+    [run_file] = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    logged = []
+    for data in wandb_records(run_file):
+        record = Record()
+        record.ParseFromString(data)
+        if record.WhichOneof("record_type") == "history":
+            items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
+            if "train/loss" in items:
+                logged.append((items["_step"], items["train/loss"]))
     expected = [(m["step"], m["loss"]) for m in read_metrics(out)]
     assert [s for s, _ in logged] == [s for s, _ in expected] and len(expected) == 6
     for (_, a), (_, b) in zip(logged, expected):
