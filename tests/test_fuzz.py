@@ -290,7 +290,6 @@ class OptionCase:
     id: str
     argv: object  # callable(ctx) -> argv
     expect: tuple[str, ...]
-    pending: bool = False  # a range check the CLI does not have yet
 
 
 @dataclass
@@ -353,21 +352,15 @@ OPTION_CASES = [
     OptionCase("eval-output-is-a-file", lambda c: c.eval("--output", str(c.data)), ("good.jsonl",)),
     OptionCase("reward-output-is-a-directory", lambda c: c.reward("--output", str(c.tmp)), ("Is a directory",)),
     # range checks being added
-    OptionCase("train-beta-negative", lambda c: c.train("--method", "irft", "--beta", "-1"), ("--beta",), pending=True),
-    OptionCase("train-learning-rate-zero", lambda c: c.train("--learning-rate", "0"), ("--learning-rate",), pending=True),
-    OptionCase("train-sft-with-beta", lambda c: c.train("--method", "sft", "--beta", "0.5"), ("--beta",), pending=True),
-    OptionCase("generate-top-p-over-1", lambda c: c.generate("--top-p", "1.5"), ("--top-p",), pending=True),
-    OptionCase("generate-temperature-negative", lambda c: c.generate("--temperature", "-0.5"), ("--temperature",), pending=True),
-    OptionCase("generate-max-new-tokens-zero", lambda c: c.generate("--max-new-tokens", "0"), ("--max-new-tokens",), pending=True),
-    OptionCase("generate-num-samples-zero", lambda c: c.generate("--num-samples", "0"), ("--num-samples",), pending=True),
+    OptionCase("train-beta-negative", lambda c: c.train("--method", "irft", "--beta", "-1"), ("--beta",)),
+    OptionCase("train-learning-rate-zero", lambda c: c.train("--learning-rate", "0"), ("--learning-rate",)),
+    OptionCase("train-sft-with-beta", lambda c: c.train("--method", "sft", "--beta", "0.5"), ("--beta",)),
+    OptionCase("generate-top-p-over-1", lambda c: c.generate("--top-p", "1.5"), ("--top-p",)),
+    OptionCase("generate-temperature-negative", lambda c: c.generate("--temperature", "-0.5"), ("--temperature",)),
+    OptionCase("generate-max-new-tokens-zero", lambda c: c.generate("--max-new-tokens", "0"), ("--max-new-tokens",)),
+    OptionCase("generate-num-samples-zero", lambda c: c.generate("--num-samples", "0"), ("--num-samples",)),
 ]
-assert len([c for c in OPTION_CASES if not c.pending]) >= 15
-
-
-def _option_params():
-    for c in OPTION_CASES:
-        marks = [pytest.mark.xfail(strict=False, reason="range checks pending")] if c.pending else []
-        yield pytest.param(c, id=c.id, marks=marks)
+assert len(OPTION_CASES) >= 15
 
 
 @pytest.fixture
@@ -377,7 +370,7 @@ def ctx(tiny_model_dir, tmp_path) -> Ctx:
     return Ctx(tiny_model_dir, data, tmp_path)
 
 
-@pytest.mark.parametrize("case", list(_option_params()))
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in OPTION_CASES])
 def test_bad_options_are_one_line(case, ctx, capsys):
     RESULTS["tried_options"].add(case.id)
     argv = case.argv(ctx)
@@ -398,16 +391,13 @@ def test_summary(capsys):
     """Prints e.g. ``fuzz: 58 data cases (229 runs), 37 option cases, all clean``: the cases
     that ran in this session (a -k selection runs fewer) and whether each ended cleanly."""
     tried_runs, tried_options = RESULTS["tried_runs"], RESULTS["tried_options"]
-    pending = {c.id for c in OPTION_CASES if c.pending}
     dirty_runs = tried_runs - RESULTS["data_runs"]
     dirty_options = tried_options - RESULTS["option"]
-    if not dirty_runs and not dirty_options - pending:
+    if not dirty_runs and not dirty_options:
         verdict = "all clean"
-        if dirty_options:
-            verdict += f" ({len(dirty_options)} option cases xfail: range checks pending)"
     else:
-        verdict = (f"NOT clean: {len(dirty_runs)} data runs and {len(dirty_options - pending)} option cases failed: "
-                   + ", ".join(sorted({f"{c}-{cmd}" for c, cmd in dirty_runs} | (dirty_options - pending))))
+        verdict = (f"NOT clean: {len(dirty_runs)} data runs and {len(dirty_options)} option cases failed: "
+                   + ", ".join(sorted({f"{c}-{cmd}" for c, cmd in dirty_runs} | dirty_options)))
     data_cases = {c for c, _ in tried_runs}
     line = f"fuzz: {len(data_cases)} data cases ({len(tried_runs)} runs), {len(tried_options)} option cases, {verdict}"
     with capsys.disabled():
