@@ -165,10 +165,12 @@ def condition_sizes(args) -> dict[str, tuple[int, float]]:
 def default_methods(quick: bool) -> list[str]:
     from sftjuice.demo import registered_methods
 
+    from sftjuice.demo import STAGE_EXTRAS, method_of
+
     registered = registered_methods()
     if quick:
         return [m for m in QUICK_METHODS if m in registered]
-    return registered + ["sft3"]
+    return registered + [n for n in STAGE_EXTRAS if n not in registered and method_of(n) in registered]
 
 
 def method_settings(methods: list[str], tasks: list[str]) -> dict:
@@ -234,7 +236,7 @@ def report(args, runs: dict[tuple[str, str], list[list[dict]]], seconds: float, 
     print("\n" + header + "\n\n" + text_table(rows, columns))
     results = args.results
     results.mkdir(parents=True, exist_ok=True)
-    name = "quality-quick" if args.quick else "quality"
+    name = args.name or ("quality-quick" if args.quick else "quality")
     (results / f"{name}.md").write_text(
         f"# {header}\n\n" + markdown_table(rows, columns)
         + f"\ndiff: accuracy of the method minus that of continued SFT ({BASELINE}), in points, mean over seeds and "
@@ -409,6 +411,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("runs/quality"))
     ap.add_argument("--model", default="smollm2-135m-instruct", help="the base model (an HF directory, or the default)")
     ap.add_argument("--results", type=Path, default=RESULTS, help="where quality[-quick].{md,json,png} go")
+    ap.add_argument("--name", help="results file name instead of quality[-quick] (separate runs side by side)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if args.quick:

@@ -56,6 +56,8 @@ STAGE_EXTRAS: dict[str, dict] = {
     "sft3": {"method": "sft", "epochs": 3.0},  # continued SFT with about the compute of the costliest method
     "srppo": {"base_model": BASE},  # reward log pi_SFT - log pi_base: the model SFT started from
     "rso": {"reward": "implicit", "base_model": BASE},  # the SRPPO reward: no reward model to train first
+    # whole-response DPO on (verified, wrong) pairs: the comparison per-step credit should beat
+    "steps-response": {"method": "steps", "credit": "response"},
 }
 
 
@@ -89,7 +91,8 @@ class DemoConfig(Checked):
     train_size: int = _f(96, "demonstrations used for training", ge=2)
     test_size: int = _f(100, "held-out prompts for evaluation", ge=2)
     methods: list[str] = _f(["sft", "irft", "spin", "rft"], "methods compared after the shared SFT epoch "
-                            f"(also {', '.join(n for n in STAGE_EXTRAS if n not in METHOD_CONFIGS)}: SFT for 3 more epochs)")
+                            f"(also {', '.join(n for n in STAGE_EXTRAS if n not in METHOD_CONFIGS)}: SFT for 3 more epochs, "
+                            "steps with whole-response credit)")
     seed: int = _f(0, "random seed", ge=0)
     max_new_tokens: int | None = _f(None, "longest sampled or evaluated answer; default: the task's "
                                     f"({DEFAULT_TASK.max_new_tokens}; multistep_arithmetic {TASKS['multistep_arithmetic'].max_new_tokens})", ge=1)
