@@ -42,7 +42,7 @@ import statistics
 import time
 from pathlib import Path
 
-from sftjuice.report import markdown_table, plot_intervals, text_table, write_json
+from sftjuice.report import markdown_table, plot_intervals, plot_line_panels, text_table, write_json
 from sftjuice.stats import paired_bootstrap_difference
 
 HERE = Path(__file__).resolve().parent
@@ -60,6 +60,8 @@ RESAMPLES = 10000
 # RSO the rejection sampler's acceptance rate; steps/rest the share of the round's samples verified
 ROUND_KEYS = {"heldout_margin": "margin", "reward_heldout_accuracy": "r-acc", "acceptance_rate": "accept",
               "accuracy": "verified"}
+ROUND_LABELS = {"heldout_margin": "implicit-reward margin, held-out pairs", "reward_heldout_accuracy": "reward ranking accuracy",
+                "acceptance_rate": "rejection-sampling acceptance", "accuracy": "share of samples verified"}
 PATH_FIELDS = {"model", "data", "output", "eval_data", "reward_model", "base_model", "prompts", "resume", "overwrite"}
 
 
@@ -84,14 +86,17 @@ def round_diagnostics(stage_dir: Path) -> dict[str, list[float]]:
     return out
 
 
-def rounds_text(per_seed: list[dict[str, list[float]]]) -> str:
-    """The first ROUND_KEYS key any seed has, averaged over seeds round by round."""
-    for key, label in ROUND_KEYS.items():
+def rounds_mean(per_seed: list[dict[str, list[float]]]) -> tuple[str, list[float]]:
+    """The first ROUND_KEYS key any seed has, and its mean over seeds round by round."""
+    for key in ROUND_KEYS:
         series = [d[key] for d in per_seed if d.get(key)]
         if series:
-            n = min(map(len, series))
-            return f"{label}: " + " ".join(f"{sum(s[t] for s in series) / len(series):.2f}" for t in range(n))
-    return ""
+            return key, [statistics.fmean(s[t] for s in series) for t in range(min(map(len, series)))]
+    return "", []
+
+
+def rounds_text(key: str, values: list[float]) -> str:
+    return f"{ROUND_KEYS[key]}: " + " ".join(f"{v:.2f}" for v in values) if key else ""
 
 
 def summarise(seeds: list[list[dict]], baseline: str = BASELINE, resamples: int = RESAMPLES) -> list[dict]:
@@ -115,7 +120,7 @@ def summarise(seeds: list[list[dict]], baseline: str = BASELINE, resamples: int 
             "train_seconds": statistics.fmean(r.get("train_seconds", 0.0) for r in per_seed),
             "train_seconds_per_seed": [r.get("train_seconds", 0.0) for r in per_seed],
             "eval_seconds": statistics.fmean(r.get("eval_seconds", 0.0) for r in per_seed),
-            "rounds": rounds_text([r.get("rounds", {}) for r in per_seed]),
+            "rounds": rounds_mean([r.get("rounds", {}) for r in per_seed]),
             "difference": None,
         }
         if base_scores is not None and stage != baseline:
@@ -147,7 +152,7 @@ def table_row(task: str, condition: str, s: dict) -> dict:
         "verdict": "" if d is None else d["verdict"],
         "W/T/L": "" if d is None else f"{d['wins']}/{d['ties']}/{d['losses']}",
         "log-prob gap": f"{s['logprob_gap']:.2f}",
-        "by round": s["rounds"],
+        "by round": rounds_text(*s["rounds"]),
         "train s": f"{s['train_seconds']:.0f}",
     }
 
@@ -268,7 +273,18 @@ def report(args, runs: dict[tuple[str, str], list[list[dict]]], seconds: float, 
                        [(100 * s["difference"]["low"], 100 * s["difference"]["high"]) for s in shown]))
     plot_intervals(results / f"{name}.png", panels, xlabel=f"accuracy - {BASELINE} (points, 95% interval)",
                    title=header.split(";")[0] + f", {args.seeds} seed(s)", columns=len(args.conditions))
-    print(f"\nwrote {results / name}.md/.json/.png")
+    # the per-round diagnostics as curves: one panel per (task, condition, diagnostic), mean over seeds
+    curves = {}
+    for (task, cond), ss in summaries.items():
+        for s in ss:
+            key, values = s["rounds"]
+            if values:
+                curves.setdefault((task, cond, key), []).append((s["stage"], list(range(1, len(values) + 1)), values, None))
+    if curves:
+        plot_line_panels(results / f"{name}-rounds.png",
+                         [(f"{task.split('__')[-1]}, {cond}", ROUND_LABELS[key], series) for (task, cond, key), series in curves.items()],
+                         xlabel="round", title="per-round diagnostics (mean over seeds)")
+    print(f"\nwrote {results / name}.md/.json/.png" + (f" and {name}-rounds.png" if curves else ""))
 
 
 # ------------------------------------------------------------------------ estimate

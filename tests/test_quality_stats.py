@@ -78,5 +78,7 @@ def test_round_diagnostics(quality, tmp_path):
         '{"step": 2, "event": "round", "round": 0, "heldout_margin": 0.25}',
         '{"step": 4, "event": "round", "round": 1, "heldout_margin": 0.75}']))
     assert quality.round_diagnostics(tmp_path) == {"heldout_margin": [0.25, 0.75]}
-    assert quality.rounds_text([{"heldout_margin": [0.25, 0.75]}, {"heldout_margin": [0.75, 0.25]}]) == "margin: 0.50 0.50"
-    assert quality.rounds_text([{}, {}]) == ""
+    key, values = quality.rounds_mean([{"heldout_margin": [0.25, 0.75, 1.0]}, {"heldout_margin": [0.75, 0.25]}])
+    assert (key, values) == ("heldout_margin", [0.5, 0.5])  # rounds every seed has
+    assert quality.rounds_text(key, values) == "margin: 0.50 0.50"
+    assert quality.rounds_mean([{}, {}]) == ("", []) and quality.rounds_text("", []) == ""

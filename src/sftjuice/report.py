@@ -44,24 +44,41 @@ def plot_bars(path: Path, names: list[str], panels: list[tuple[str, list[float],
     save_figure(fig, path)
 
 
-def plot_lines(path: Path, series: list[tuple[str, list[float], list[float], list[tuple[float, float]] | None]],
-               xlabel: str, ylabel: str, title: str) -> None:
+Series = list[tuple[str, list[float], list[float], list[tuple[float, float]] | None]]
+
+
+def plot_lines(path: Path, series: Series, xlabel: str, ylabel: str, title: str) -> None:
     """One line per series: (label, xs, ys, optional (low, high) band), e.g. a metric across checkpoints."""
+    plot_line_panels(path, [("", ylabel, series)], xlabel, title, columns=1)
+
+
+def plot_line_panels(path: Path, panels: list[tuple[str, str, Series]], xlabel: str, title: str,
+                     columns: int = 3) -> None:
+    """Panels of lines, each (label, ylabel, series) as :func:`plot_lines` takes them."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for label, xs, ys, band in series:
-        (line,) = ax.plot(xs, ys, marker="o", label=label)
-        if band:
-            ax.fill_between(xs, [lo for lo, _ in band], [hi for _, hi in band], color=line.get_color(), alpha=0.2)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    ax.set_title(title)
+    columns = max(1, min(columns, len(panels)))
+    rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(6.5 if columns == 1 else 4.8 * columns, 4 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (label, ylabel, series) in zip(axes.flat, panels):
+        for name, xs, ys, band in series:
+            (line,) = ax.plot(xs, ys, marker="o", label=name)
+            if band:
+                ax.fill_between(xs, [lo for lo, _ in band], [hi for _, hi in band], color=line.get_color(), alpha=0.2)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds and steps are whole numbers
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+        if label:
+            ax.set_title(label)
+    fig.suptitle(title)
     fig.tight_layout()
     save_figure(fig, path)
 
