@@ -229,6 +229,8 @@ def report(args, runs: dict[tuple[str, str], list[list[dict]]], seconds: float, 
     summaries = {key: summarise(seeds) for key, seeds in runs.items()}
     rows = [table_row(task, cond, s) for (task, cond), ss in summaries.items() for s in ss]
     widths = [s["difference"]["width"] for ss in summaries.values() for s in ss if s["difference"]]
+    stage_seconds = sum(r.get("train_seconds", 0.0) + r.get("eval_seconds", 0.0)
+                        for seeds in runs.values() for results in seeds for r in results)
     sizes = condition_sizes(args)
     size_text = ", ".join(f"{c} {n}" + (f" ({f:.0%} wrong)" if f else "") for c, (n, f) in sizes.items())
     width_text = (f"interval widths reached {100 * min(widths):.1f} to {100 * max(widths):.1f} points "
@@ -236,7 +238,8 @@ def report(args, runs: dict[tuple[str, str], list[list[dict]]], seconds: float, 
     header = (f"Quality: {', '.join(args.tasks)}; demonstrations: {size_text}; {args.test_size} held-out prompts per task "
               f"(the same for every seed), {args.seeds} seed(s), greedy decoding, "
               + ", ".join(f"{t} verifier {task_spec(t).verifier} / {task_spec(t).max_new_tokens} tokens" for t in args.tasks)
-              + f"; {width_text}; this invocation took {seconds / 60:.0f} min (finished stages are reused)")
+              + f"; {width_text}; the stages took {stage_seconds / 60:.0f} min (training and evaluation, summed; "
+              f"this invocation {seconds / 60:.0f} min, reusing finished stages)")
     columns = list(rows[0])
     print("\n" + header + "\n\n" + text_table(rows, columns))
     results = args.results
@@ -263,7 +266,7 @@ def report(args, runs: dict[tuple[str, str], list[list[dict]]], seconds: float, 
         "settings": method_settings(args.methods, args.tasks),
         "results": [{"task": task, "condition": cond, **s} for (task, cond), ss in summaries.items() for s in ss],
         "widths": {"min": min(widths), "median": statistics.median(widths), "max": max(widths)} if widths else None,
-        "rows": rows, "seconds": seconds, "cpus": os.cpu_count(), "load_average": {"start": list(load), "end": list(os.getloadavg())},
+        "rows": rows, "seconds": seconds, "stage_seconds": stage_seconds, "cpus": os.cpu_count(), "load_average": {"start": list(load), "end": list(os.getloadavg())},
     })
     panels = []
     for (task, cond), ss in summaries.items():
