@@ -186,6 +186,9 @@ def method_settings(methods: list[str], tasks: list[str]) -> dict:
 
     out = {}
     for name in methods:
+        if name in PEERS:
+            out[name] = {"peer": "trl.experimental.sdft.SDFTTrainer", "settings": PEERS[name]}
+            continue
         cls = METHOD_CONFIGS[method_of(name)]
         fields = {f.name for f in dataclasses.fields(cls)}
         out[name] = {
@@ -197,6 +200,62 @@ def method_settings(methods: list[str], tasks: list[str]) -> dict:
             "monitor": {"eval_size": 16} if "eval_data" in fields else {},
         }
     return out
+
+
+# ------------------------------------------------------------------------ peers
+
+# Stages trained by another library from the same SFT model on the same demonstrations, and
+# judged by the same evaluation: what a user would pick instead of sftjuice.
+SDFT_SETTINGS = {"learning_rate": 2e-5, "num_generations": 4, "per_device_train_batch_size": 16, "num_train_epochs": 1}
+PEERS = {"trl-sdft": SDFT_SETTINGS}
+
+
+def train_trl_sdft(start: Path, train_file: Path, output: Path, seed: int, max_new_tokens: int) -> None:
+    """TRL's experimental SDFT (trl.experimental.sdft): on-policy self-distillation, where
+    the model shown the demonstration teaches the model that is not, on the model's own
+    samples. From the SFT model, one epoch of the same demonstrations, fp32, the settings
+    in SDFT_SETTINGS (per_device_train_batch_size counts completions: 4 prompts x 4)."""
+    from datasets import Dataset
+    from sftjuice.storage import read_jsonl
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl.experimental.sdft import SDFTConfig, SDFTTrainer
+
+    rows = read_jsonl(train_file)
+    data = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}], "privileged_context": r["completion"]}
+                              for r in rows])
+    args = SDFTConfig(output_dir=str(output / "trl"), seed=seed, max_completion_length=max_new_tokens, bf16=False,
+                      report_to="none", save_strategy="no", logging_steps=1, use_cpu=True, **SDFT_SETTINGS)
+    trainer = SDFTTrainer(model=AutoModelForCausalLM.from_pretrained(start, dtype="float32"), args=args,
+                          train_dataset=data, processing_class=AutoTokenizer.from_pretrained(start))
+    trainer.train()
+    trainer.save_model(str(output / ".final.tmp"))
+    (output / ".final.tmp").replace(output / "final")
+
+
+def run_peer(peer: str, cfg, out: Path, keep_model: bool) -> dict:
+    """A peer stage of one (task, condition, seed), resumable as the demo's stages are."""
+    from sftjuice.data import load_demonstrations
+    from sftjuice.evaluation import evaluate_model
+    from sftjuice.storage import atomic_write_text
+
+    stage, stage_dir = f"sft+{peer}", out / f"sft+{peer}"
+    eval_file, timing = stage_dir / "eval.json", stage_dir / "train_seconds.json"
+    if not eval_file.exists():
+        if not (stage_dir / "final").exists():
+            shutil.rmtree(stage_dir, ignore_errors=True)  # a killed TRL run starts over
+            stage_dir.mkdir(parents=True)
+            t0 = time.time()
+            train_trl_sdft(out / "sft" / "final", out / "data" / "train.jsonl", stage_dir, cfg.seed, cfg.new_tokens)
+            atomic_write_text(timing, json.dumps(time.time() - t0))
+        t0 = time.time()
+        ev = evaluate_model(stage_dir / "final", load_demonstrations(out / "data" / "test.jsonl"), cfg.new_tokens,
+                            cfg.verifier_name)
+        write_json(eval_file, {**ev, "eval_seconds": time.time() - t0})
+    if not keep_model:
+        shutil.rmtree(stage_dir / "final", ignore_errors=True)
+    ev = json.loads(eval_file.read_text())
+    print(f"{stage}: accuracy {ev['accuracy']['mean']:.1%}", flush=True)
+    return {"stage": stage, "start": "sft", "method": peer, "train_seconds": json.loads(timing.read_text()), **ev}
 
 
 def run(args) -> dict[tuple[str, str], list[list[dict]]]:
@@ -213,9 +272,11 @@ def run(args) -> dict[tuple[str, str], list[list[dict]]]:
                     (out / "base").mkdir(parents=True, exist_ok=True)
                     shutil.copy(base_evals[task], out / "base" / "eval.json")
                 print(f"== {task}, {cond}, seed {seed}: {out}", flush=True)
+                peers = [m for m in args.methods if m in PEERS]
                 cfg = DemoConfig(output=str(out), model=args.model, task=task, train_size=size, test_size=args.test_size,
-                                 methods=args.methods, seed=seed, low_quality_fraction=fraction, keep_models=False)
-                results = run_stages(cfg)
+                                 methods=[m for m in args.methods if m not in PEERS], seed=seed,
+                                 low_quality_fraction=fraction, keep_models=False)  # sft/final stays: stages start from it
+                results = run_stages(cfg) + [run_peer(p, cfg, out, keep_model=False) for p in peers]
                 for r in results:
                     r["rounds"] = round_diagnostics(out / r["stage"])
                 runs.setdefault((task, cond), []).append(results)
@@ -426,7 +487,8 @@ def main() -> None:
     ap.add_argument("--test-size", type=int, default=500, help="held-out prompts per task (the task files hold 500)")
     ap.add_argument("--low-quality", type=float, default=0.3, help="share of demonstrations made wrong in the low-quality condition")
     ap.add_argument("--methods", nargs="+", default=None,
-                    help="default: every registered method and sft3 (quick: sft irft spin rft srppo rest); sft is always run (the baseline)")
+                    help="default: every registered method, sft3 and steps-response (quick: sft irft spin rft srppo rest); "
+                         "sft is always run (the baseline); trl-sdft adds TRL's SDFT as a peer (needs trl)")
     ap.add_argument("--work", type=Path, default=Path("runs/quality"))
     ap.add_argument("--model", default="smollm2-135m-instruct", help="the base model (an HF directory, or the default)")
     ap.add_argument("--results", type=Path, default=RESULTS, help="where quality[-quick].{md,json,png} go")
