@@ -50,3 +50,18 @@ def test_unknown_task_and_method(tmp_path):
     with pytest.raises(SftjuiceError, match="unknown"):
         DemoConfig(methods=["sft", "dpo"])
     assert DemoConfig(methods=["sft", "sft3"]).methods == ["sft", "sft3"]
+
+
+def test_low_quality_rows_are_not_the_rows_an_epoch_puts_last(tmp_path):
+    """The wrong rows are drawn from a stream of their own: drawn with random.Random(seed),
+    the stream that also orders the epochs, they were exactly the epoch's last rows (seed 0),
+    so every wrong demonstration fell in the last round and the last batches."""
+    from sftjuice.data import epoch_order
+
+    for seed in range(4):
+        cfg = DemoConfig(output=str(tmp_path / str(seed)), train_size=40, test_size=4, low_quality_fraction=0.25, seed=seed)
+        got = rows(prepare_data(cfg, tmp_path / str(seed))[0])
+        bad = {i for i, r in enumerate(got) if r.get("low_quality")}
+        order = epoch_order(40, seed, 0)
+        assert len(bad) == 10 and bad != set(order[-10:])
+        assert len(bad & set(order[:20])) >= 2  # some wrong rows in the epoch's first half

@@ -26,6 +26,7 @@ from pathlib import Path
 from .config import DEFAULT_MODEL, METHOD_CONFIGS, Checked, SftjuiceError, _f
 from .data import load_demonstrations
 from .evaluation import evaluate_model
+from .generation import derive_seed
 from .models import resolve_model
 from .report import markdown_table, plot_bars, text_table, write_json
 from .storage import atomic_write_text, read_jsonl, write_jsonl
@@ -184,7 +185,8 @@ def prepare_data(cfg: DemoConfig, out: Path) -> tuple[Path, Path]:
     data = files("sftjuice") / "demo_data"
     train, test, record = out / "data" / "train.jsonl", out / "data" / "test.jsonl", out / "data" / "settings.json"
     settings = {"task": cfg.task, "train_size": cfg.train_size, "test_size": cfg.test_size, "seed": cfg.seed,
-                "low_quality_fraction": cfg.low_quality_fraction, "max_new_tokens": cfg.new_tokens,
+                "low_quality_fraction": cfg.low_quality_fraction, "low_quality_stream": "derive_seed(seed, 'low-quality')",
+                "max_new_tokens": cfg.new_tokens,
                 "verifier": cfg.verifier_name, "model": cfg.model}
     if record.exists():
         old = json.loads(record.read_text())
@@ -194,7 +196,10 @@ def prepare_data(cfg: DemoConfig, out: Path) -> tuple[Path, Path]:
                                 "choose another output folder or delete it")
     if not train.exists():
         rows = read_jsonl(data / f"{cfg.task}.train.jsonl")[: cfg.train_size]
-        rng = random.Random(cfg.seed)
+        # a stream of its own: random.Random(seed) is also what orders the epochs
+        # (data.epoch_order), and sample() then picks exactly the rows that shuffle() puts
+        # last, so with seed 0 every wrong row landed in the epoch's last round and batches
+        rng = random.Random(derive_seed(cfg.seed, "low-quality"))
         for i in rng.sample(range(len(rows)), round(cfg.low_quality_fraction * len(rows))):
             rows[i] = corrupt(rows, i, cfg.spec.low_quality, rng)
         write_jsonl(test, read_jsonl(data / f"{cfg.task}.test.jsonl")[: cfg.test_size])
