@@ -505,8 +505,13 @@ def main() -> None:
     if args.estimate:
         estimate(args)
         return
+    from sftjuice.config import SftjuiceError
+
     started, load = time.time(), os.getloadavg()
-    runs = run(args)
+    try:
+        runs = run(args)
+    except SftjuiceError as e:
+        raise SystemExit(f"quality.py: error: {e}")
     report(args, runs, time.time() - started, load)
 
 

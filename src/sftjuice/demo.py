@@ -185,9 +185,10 @@ def prepare_data(cfg: DemoConfig, out: Path) -> tuple[Path, Path]:
     data = files("sftjuice") / "demo_data"
     train, test, record = out / "data" / "train.jsonl", out / "data" / "test.jsonl", out / "data" / "settings.json"
     settings = {"task": cfg.task, "train_size": cfg.train_size, "test_size": cfg.test_size, "seed": cfg.seed,
-                "low_quality_fraction": cfg.low_quality_fraction, "low_quality_stream": "derive_seed(seed, 'low-quality')",
-                "max_new_tokens": cfg.new_tokens,
+                "low_quality_fraction": cfg.low_quality_fraction, "max_new_tokens": cfg.new_tokens,
                 "verifier": cfg.verifier_name, "model": cfg.model}
+    if cfg.low_quality_fraction:  # which rows are wrong depends on the stream that picks them
+        settings["low_quality_stream"] = "derive_seed(seed, 'low-quality')"
     if record.exists():
         old = json.loads(record.read_text())
         differs = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
