@@ -232,8 +232,9 @@ def train_trl_sdft(start: Path, train_file: Path, output: Path, seed: int, max_n
     (output / ".final.tmp").replace(output / "final")
 
 
-def run_peer(peer: str, cfg, out: Path, keep_model: bool) -> dict:
-    """A peer stage of one (task, condition, seed), resumable as the demo's stages are."""
+def run_peer(peer: str, cfg, out: Path) -> dict:
+    """A peer stage of one (task, condition, seed), resumable as the demo's stages are; its
+    model is deleted once evaluated (nothing starts from it)."""
     from sftjuice.data import load_demonstrations
     from sftjuice.evaluation import evaluate_model
     from sftjuice.storage import atomic_write_text
@@ -251,8 +252,7 @@ def run_peer(peer: str, cfg, out: Path, keep_model: bool) -> dict:
         ev = evaluate_model(stage_dir / "final", load_demonstrations(out / "data" / "test.jsonl"), cfg.new_tokens,
                             cfg.verifier_name)
         write_json(eval_file, {**ev, "eval_seconds": time.time() - t0})
-    if not keep_model:
-        shutil.rmtree(stage_dir / "final", ignore_errors=True)
+    shutil.rmtree(stage_dir / "final", ignore_errors=True)
     ev = json.loads(eval_file.read_text())
     print(f"{stage}: accuracy {ev['accuracy']['mean']:.1%}", flush=True)
     return {"stage": stage, "start": "sft", "method": peer, "train_seconds": json.loads(timing.read_text()), **ev}
@@ -276,7 +276,7 @@ def run(args) -> dict[tuple[str, str], list[list[dict]]]:
                 cfg = DemoConfig(output=str(out), model=args.model, task=task, train_size=size, test_size=args.test_size,
                                  methods=[m for m in args.methods if m not in PEERS], seed=seed,
                                  low_quality_fraction=fraction, keep_models=False)  # sft/final stays: stages start from it
-                results = run_stages(cfg) + [run_peer(p, cfg, out, keep_model=False) for p in peers]
+                results = run_stages(cfg) + [run_peer(p, cfg, out) for p in peers]
                 for r in results:
                     r["rounds"] = round_diagnostics(out / r["stage"])
                 runs.setdefault((task, cond), []).append(results)
