@@ -80,8 +80,8 @@ def compare(scores: list[float], baseline: list[float], tol: float = 1e-9) -> Wi
 
 
 def greedy_responses(model, chat: ChatFormat, demos: list[Demonstration], max_new_tokens: int,
-                     batch_size: int = 32, bf16: bool = False) -> list[str]:
-    cfg = SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens, generation_batch_size=batch_size)
+                     bf16: bool = False) -> list[str]:
+    cfg = SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens)  # the sampler's default decode batch
     prompts = [chat.prompt_ids(d.prompt) for d in demos]
     out = sample(model, prompts, cfg, chat.stop_token_ids, chat.tokenizer.pad_token_id, seed=0, bf16=bf16)
     return [chat.decode(ss[0].token_ids) for ss in out]
