@@ -21,11 +21,14 @@ matmuls are faster), ``--bf16 true`` forces bf16. The decode comparison also run
 Contenders:
   ceiling large square matmuls (2048^3) in fp32 and bf16, interleaved for a few seconds, best
           rate; measured at the start and at the end of the run, the better of the two kept.
+  shapes  the same at the model's own shapes: a decoder layer's linears and the LM head on 32 to
+          1024 rows, the bound on what a pass over that many rows can reach.
   train   TRL DPOTrainer (precompute_ref_log_probs, batch 8) against sftjuice's IRFT pass with
           references known; tokens/s counts the real (non-pad) tokens of both sides. TRL runs
           without gradient checkpointing in the chosen precision (and, in the full run, in the
           other one and with its CPU defaults: bf16 autocast + gradient checkpointing).
-  gen     plain model.generate (batch 32, temperature 1) against sftjuice's sampler.
+  gen     plain model.generate against sftjuice's sampler, temperature 1, both at sftjuice's
+          default decode batch (GEN_BATCH, 64).
   decode  in one process, on the same prompts: sftjuice's sampler against a bare decode loop
           (plain forward with a DynamicCache, greedy, every row decodes all its tokens, no
           bookkeeping) at batch 32 and a larger batch; the gap is the sampler's own overhead.
@@ -54,6 +57,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 SEED = 0
+# the decode batch of every generating contender: sftjuice's default (SamplingConfig), which
+# plain generate and the composed round use too
+GEN_BATCH = 64
 
 
 # ---------------------------------------------------------------- FLOPs the work needs
@@ -234,7 +240,7 @@ def start(args, pairs, name: str, **overrides):
     data = args.work / f"{name}.jsonl"
     write_jsonl(data, [{"prompt": p["prompt"], "completion": p["chosen"]} for p in pairs])
     options = dict(per_device_batch_size=8, learning_rate=1e-6, lr_scheduler="constant", seed=SEED,
-                   max_new_tokens=args.new_tokens, generation_batch_size=32, bf16=args.precision == "bf16")
+                   max_new_tokens=args.new_tokens, bf16=args.precision == "bf16")
     cfg = IRFTConfig(data=str(data), output=str(args.work / name), overwrite=True, **{**options, **overrides})
     return start_run(cfg)
 
@@ -285,14 +291,14 @@ def plain_generate(args, pairs) -> dict:
     lengths = []
     t0, load0 = time.time(), load_now()
     with autocast_for(args.precision == "bf16"):
-        for i in range(0, len(prompts), 32):
-            enc = tok.pad({"input_ids": prompts[i: i + 32]}, return_tensors="pt")
+        for i in range(0, len(prompts), GEN_BATCH):
+            enc = tok.pad({"input_ids": prompts[i: i + GEN_BATCH]}, return_tensors="pt")
             out = model.generate(**enc, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
                                  max_new_tokens=args.new_tokens, pad_token_id=tok.pad_token_id)
             lengths += real_lengths(out[:, enc["input_ids"].shape[1]:].tolist(), tok.eos_token_id)
     seconds = time.time() - t0
     flops = sampling_flops(Shape.of(model), list(map(len, prompts)), [[n] for n in lengths])
-    return {"new_tokens_per_s": sum(lengths) / seconds, "flops_per_s": flops / seconds, "seconds": seconds,
+    return {"new_tokens_per_s": sum(lengths) / seconds, "flops_per_s": flops / seconds, "seconds": seconds, "prompts": len(prompts),
             "new_tokens": sum(lengths), "peak_rss_gb": peak_rss_gb(), "bf16": args.precision == "bf16",
             "load": [load0, load_now()]}
 
@@ -303,7 +309,7 @@ def ours_generate(args, pairs) -> dict:
 
     _, model, tok = load()
     prompts = prompts_of(tok, pairs)
-    cfg = SamplingConfig(max_new_tokens=args.new_tokens, generation_batch_size=32)
+    cfg = SamplingConfig(max_new_tokens=args.new_tokens)  # sftjuice's default batch, GEN_BATCH
     t0, load0 = time.time(), load_now()
     out = sample(model, prompts, cfg, [tok.eos_token_id], tok.pad_token_id, seed=SEED, bf16=args.precision == "bf16",
                  progress=False)
@@ -312,7 +318,7 @@ def ours_generate(args, pairs) -> dict:
     flops = sampling_flops(Shape.of(model), list(map(len, prompts)), lengths)
     new = sum(map(sum, lengths))
     return {"new_tokens_per_s": new / seconds, "flops_per_s": flops / seconds, "seconds": seconds, "new_tokens": new,
-            "peak_rss_gb": peak_rss_gb(), "bf16": args.precision == "bf16", "load": [load0, load_now()]}
+            "prompts": len(prompts), "peak_rss_gb": peak_rss_gb(), "bf16": args.precision == "bf16", "load": [load0, load_now()]}
 
 
 def bare_decode(model, prompts: list[list[int]], batch: int, new_tokens: int, pad_id: int, bf16: bool) -> list[list[int]]:
@@ -462,8 +468,8 @@ def composed_round(args, pairs) -> dict:
     t0, load0 = time.time(), load_now()
     samples = []
     with autocast_for(args.precision == "bf16"):
-        for i in range(0, len(prompts), 32):
-            enc = tok.pad({"input_ids": prompts[i: i + 32]}, return_tensors="pt")
+        for i in range(0, len(prompts), GEN_BATCH):
+            enc = tok.pad({"input_ids": prompts[i: i + GEN_BATCH]}, return_tensors="pt")
             out = model.generate(**enc, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
                                  max_new_tokens=args.new_tokens, pad_token_id=tok.pad_token_id)
             samples += tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -501,11 +507,46 @@ def matmul_ceiling(args, pairs) -> dict:
     return {**{f"{k}_gflops": v for k, v in best.items()}, "load": [load0, load_now()]}
 
 
+def shape_rates(args, pairs) -> dict:
+    """The matmul rate at the model's own shapes: one decoder layer's linear layers and the LM
+    head, each as ``x @ W.T`` on ``M`` rows (tokens: a decode batch, a training micro-batch),
+    fp32 and bf16 weights, the best of 20 timings of about 20 ms each. A forward pass on ``M``
+    rows cannot run its matmuls faster than this, so it bounds what fraction of the (2048^3)
+    ceiling any decoder or training pass on those rows can reach."""
+    import torch
+
+    _, model, _ = load()
+    layer = [m.weight.detach() for m in model.model.layers[0].modules() if isinstance(m, torch.nn.Linear)]
+    head = [model.get_output_embeddings().weight.detach()]
+    out = []
+    for rows in (32, 96, 256, 1024):
+        for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+            rate = {}
+            for part, weights in (("layer", layer), ("head", head)):
+                ws = [w.to(dtype).contiguous() for w in weights]
+                xs = [torch.randn(rows, w.shape[1], dtype=dtype) for w in ws]
+                flops = sum(2 * rows * w.numel() for w in ws)
+                def timed(reps: int) -> float:
+                    t0 = time.perf_counter()
+                    for _ in range(reps):
+                        for x, w in zip(xs, ws):
+                            x @ w.T
+                    return (time.perf_counter() - t0) / reps
+
+                reps = max(1, round(0.02 / timed(3)))  # warm-up, and enough products for 20 ms a timing
+                rate[part] = flops / min(timed(reps) for _ in range(20))
+            shape = Shape.of(model)  # the whole forward's matmuls: every layer plus the head, per token
+            body, lm = 2 * shape.body, 2 * shape.head
+            out.append({"rows": rows, "precision": name, "layer_gflops": rate["layer"] / 1e9, "head_gflops": rate["head"] / 1e9,
+                        "forward_gflops": (body + lm) / (body / rate["layer"] + lm / rate["head"]) / 1e9})
+    return {"runs": out, "load": [load_now(), load_now()]}
+
+
 CONTENDERS = {"trl-default": lambda a, p: trl_train(a, p, "default"), "trl-fp32": lambda a, p: trl_train(a, p, "fp32"),
               "trl-bf16": lambda a, p: trl_train(a, p, "bf16"),
               "ours-train": ours_train, "plain-generate": plain_generate, "ours-generate": ours_generate,
               "decode": decode, "profile": profile, "ours-round": ours_round, "composed-round": composed_round,
-              "ceiling": matmul_ceiling}
+              "ceiling": matmul_ceiling, "shapes": shape_rates}
 
 
 # -------------------------------------------------------------------- orchestration
@@ -560,10 +601,11 @@ def main() -> None:
         curve_sizes = [(16, 128), (16, 256)]
     print(f"precision of our contenders: {args.precision} ({'--bf16 ' + args.bf16}); load {os.getloadavg()[0]:.1f}")
     r = {"ceiling-start": run_contender("ceiling", args)}
+    r["shapes"] = run_contender("shapes", args)
     r["ours-train"] = run_contender("ours-train", args)
     r[f"trl-{args.precision}"] = run_contender(f"trl-{args.precision}", args)
-    r["ours-generate"] = run_contender("ours-generate", args)
-    r["plain-generate"] = run_contender("plain-generate", args)
+    r["ours-generate"] = run_contender("ours-generate", args, pairs=max(args.pairs, GEN_BATCH))
+    r["plain-generate"] = run_contender("plain-generate", args, pairs=max(args.pairs, GEN_BATCH))
     r["decode"] = run_contender("decode", args, pairs=max(args.decode_batches))
     r["profile"] = run_contender("profile", args, pairs=32)
     if not args.quick:  # the other precision, and TRL's CPU defaults (bf16 + checkpointing) where bf16 is fast
@@ -616,9 +658,9 @@ def report(args, r: dict, curve: list[dict]) -> None:
            "peak RSS GB": f"{x['peak_rss_gb']:.2f}", "load": load(x),
            "note": f"{precision(x)}; +{x['precompute_seconds']:.0f} s setup (tokenise, reference precompute)"} for x in trl_runs),
         {"what": "generate: sftjuice sampler", "rate": f"{gen['new_tokens_per_s']:.0f} new tok/s", "of ceiling": f"{of_ceiling(gen):.2f}",
-         "peak RSS GB": f"{gen['peak_rss_gb']:.2f}", "load": load(gen), "note": f"batch 32, {precision(gen)}"},
+         "peak RSS GB": f"{gen['peak_rss_gb']:.2f}", "load": load(gen), "note": f"batch {GEN_BATCH}, {gen['prompts']} prompts, {precision(gen)}"},
         {"what": "generate: model.generate", "rate": f"{plain['new_tokens_per_s']:.0f} new tok/s", "of ceiling": f"{of_ceiling(plain):.2f}",
-         "peak RSS GB": f"{plain['peak_rss_gb']:.2f}", "load": load(plain), "note": f"batch 32, {precision(plain)}"},
+         "peak RSS GB": f"{plain['peak_rss_gb']:.2f}", "load": load(plain), "note": f"batch {GEN_BATCH}, {plain['prompts']} prompts, {precision(plain)}"},
         {"what": "round: sftjuice IRFT", "rate": f"{r['ours-round']['seconds']:.0f} s", "of ceiling": f"{of_ceiling(r['ours-round']):.2f}",
          "peak RSS GB": f"{r['ours-round']['peak_rss_gb']:.2f}", "load": load(r["ours-round"]),
          "note": f"{r['ours-round']['prompts']} prompts, {args.new_tokens} new tokens, {precision(r['ours-round'])}"},
@@ -634,6 +676,15 @@ def report(args, r: dict, curve: list[dict]) -> None:
     decode_rows = [{"decoder": x["what"], "batch": x["batch"], "precision": "bf16 autocast" if x["bf16"] else "fp32",
                     "new tok/s": f"{x['new_tokens_per_s']:.0f}", "of ceiling": f"{of_ceiling(x):.3f}",
                     "new tokens": x["new_tokens"], "load": load(x)} for x in r["decode"]["runs"]]
+    shape_rows = [{"rows (tokens)": x["rows"], "precision": x["precision"],
+                   **{f"{k} GFLOP/s (of ceiling)": f"{x[f'{k}_gflops']:.0f} ({x[f'{k}_gflops'] * 1e9 / ceiling[x['precision']]:.2f})"
+                      for k in ("layer", "head", "forward")}} for x in r["shapes"]["runs"]]
+    shape_note = ("Each decoder layer's linear layers and the LM head as `x @ W.T` on that many rows, with the "
+                  "model's own weights (fp32, and cast to bf16), the best of 20 timings of ~20 ms; 'forward' "
+                  "weighs layers and head as a token's forward pass does. Attention, norms and activations come "
+                  "on top, so no forward pass on that many rows reaches a larger fraction of the ceiling than its "
+                  "'forward' column. A decode step has one row per sequence in the batch; a prefill or a training "
+                  "micro-batch has one row per token, so a sampler call mixes a few large products with many small ones.")
     prof = r["profile"]
     profile_rows = [{"where the sampler's time goes": k, "seconds": f"{v:.1f}", "share": f"{v / prof['wall_seconds']:.0%}"}
                     for k, v in sorted(prof["groups"].items(), key=lambda kv: -kv[1])]
@@ -649,6 +700,7 @@ def report(args, r: dict, curve: list[dict]) -> None:
                     f"{prof['wall_seconds']:.0f} s under the profiler, load {load(prof)}. Top operators (self seconds): "
                     + ", ".join(f"{k} {v:.1f}" for k, v in prof["top_ops"][:8]) + ".")
     print("\n" + text_table(rows, columns) + "\n\ndecode: sampler against a bare loop\n" + text_table(decode_rows, list(decode_rows[0]))
+          + "\n\nmatmul at the model's own shapes\n" + text_table(shape_rows, list(shape_rows[0]))
           + "\n\nsampler profile\n" + text_table(profile_rows, list(profile_rows[0]))
           + "\n\ncost curve (sftjuice IRFT round)\n" + text_table(curve_rows, list(curve_rows[0])))
     RESULTS.mkdir(exist_ok=True)
@@ -660,6 +712,7 @@ def report(args, r: dict, curve: list[dict]) -> None:
         "'load': the 1-minute load average at the start and end of each contender (other jobs share the cores).\n\n"
         + markdown_table(rows, columns)
         + "\n## Decode: sampler against a bare loop\n\n" + decode_note + "\n\n" + markdown_table(decode_rows, list(decode_rows[0]))
+        + "\n## Matmul at the model's own shapes\n\n" + shape_note + "\n\n" + markdown_table(shape_rows, list(shape_rows[0]))
         + "\n## Sampler profile\n\n" + profile_note + "\n\n" + markdown_table(profile_rows, list(profile_rows[0]))
         + "\n## Cost curve\n\n" + markdown_table(curve_rows, list(curve_rows[0]))
         + f"\n`{last}`\n")
