@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -86,3 +87,23 @@ def test_a_second_run_into_a_used_folder_refuses_and_resume_lists_what_changed(t
     assert "was started with other settings: " in last and "--beta 0.1 -> 0.2" in last
     assert last.endswith("; the data changed (use --overwrite or another --output)")
     assert run_cli(*args, "--overwrite").returncode == 0
+
+
+@pytest.mark.parametrize("method", ["rft", "steps"])
+@pytest.mark.parametrize("left", ["none", "mid-round"])
+def test_resumed_from_an_earlier_checkpoint_ends_identical(method, left, tiny_model_dir, tmp_path):
+    """The states a kill can leave, made exactly: no checkpoint yet (RFT logs its reward steps
+    before its first one), or only a checkpoint inside the last round (whose round record sums
+    steps from both sides of the resume). The metrics log must end as an uninterrupted run's."""
+    data = write_jsonl(tmp_path / "demos.jsonl", sort_rows(8))
+    args = ["train", "--model", tiny_model_dir, "--data", data, *SMALL, *METHODS[method]]
+    out = tmp_path / "killed"
+    run_cli(*args, "--output", out)
+    shutil.copytree(out, tmp_path / "straight")  # what the uninterrupted run left; then the kill's damage
+    shutil.rmtree(out / "final")
+    checkpoints = sorted((out / "checkpoints").glob("step-*"))
+    for c in checkpoints if left == "none" else checkpoints[-1:]:  # keep-checkpoints 2: the last round's end, and before it
+        shutil.rmtree(c)
+    run_cli(*args, "--output", out, "--resume")
+    assert_same_weights(tmp_path / "straight/final", out / "final")
+    assert untimed(read_metrics(out)) == untimed(read_metrics(tmp_path / "straight"))

@@ -257,6 +257,8 @@ class Run:
         on a fresh start."""
         found = sorted(self.checkpoint_dir.glob("step-*")) if self.cfg.resume else []
         if not found:
+            if self.cfg.resume:  # killed before its first checkpoint: the run starts over, and so does its log
+                self.metrics.truncate_after(-1)
             return {"step": 0}
         self.accelerator.load_state(str(found[-1]))
         state = json.loads((found[-1] / "trainer_state.json").read_text())

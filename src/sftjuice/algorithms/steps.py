@@ -441,19 +441,20 @@ def _train(cfg: VerifiedConfig, model=None, tokenizer=None, data=None) -> Path:
         groups = pair_groups(rows, run.examples) if pairs else positive_groups(rows, run.examples)
         t1 = time.time()
         batches = rounds.batches(run, len(groups), r, 0)
-        ran: list[dict] = []  # stats of the steps this process ran (after a resume: since it)
+        # the loss and margin of the round's steps, those before a resume (from its checkpoint) included
+        ran: list[dict] = state.get("round_stats", []) if state["step"] > start else []
         for batch in batches:
             step += 1
             if step <= state["step"]:
                 continue
             stats = policy.step([groups[i] for i in batch], micro_loss, weight, length=len)
-            ran.append(stats)
+            ran.append({k: stats[k] for k in ("loss", "margin") if k in stats})
             if step % cfg.log_every == 0:
                 run.log_metrics({"step": step, "round": r, **stats})
             bar.update(1)
             bar.set_postfix(round=r, loss=f"{stats['loss']:.4f}")
             if cfg.save_every and step % cfg.save_every == 0 and step != start + steps:
-                run.save_checkpoint({"step": step, "round": r, "round_policy": pi_t})
+                run.save_checkpoint({"step": step, "round": r, "round_policy": pi_t, "round_stats": ran})
         for _ in range(start + steps - step):  # the planned steps this round had no prompts for
             policy.scheduler.step()
         bar.update(start + steps - step)
