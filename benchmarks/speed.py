@@ -28,7 +28,7 @@ Contenders:
           without gradient checkpointing in the chosen precision (and, in the full run, in the
           other one and with its CPU defaults: bf16 autocast + gradient checkpointing).
   gen     plain model.generate against sftjuice's sampler, temperature 1, both at sftjuice's
-          default decode batch (GEN_BATCH, 64).
+          default decode batch (GEN_BATCH).
   decode  in one process, on the same prompts: sftjuice's sampler against a bare decode loop
           (plain forward with a DynamicCache, greedy, every row decodes all its tokens, no
           bookkeeping) at batch 32 and a larger batch; the gap is the sampler's own overhead.
@@ -54,12 +54,14 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from sftjuice.config import SamplingConfig
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 SEED = 0
-# the decode batch of every generating contender: sftjuice's default (SamplingConfig), which
-# plain generate and the composed round use too
-GEN_BATCH = 64
+# every generating contender (ours, plain generate, the composed round's) decodes this many
+# sequences together: sftjuice's default
+GEN_BATCH = SamplingConfig().generation_batch_size
 
 
 # ---------------------------------------------------------------- FLOPs the work needs
@@ -304,12 +306,11 @@ def plain_generate(args, pairs) -> dict:
 
 
 def ours_generate(args, pairs) -> dict:
-    from sftjuice.config import SamplingConfig
     from sftjuice.generation import sample
 
     _, model, tok = load()
     prompts = prompts_of(tok, pairs)
-    cfg = SamplingConfig(max_new_tokens=args.new_tokens)  # sftjuice's default batch, GEN_BATCH
+    cfg = SamplingConfig(max_new_tokens=args.new_tokens)  # GEN_BATCH rows at a time
     t0, load0 = time.time(), load_now()
     out = sample(model, prompts, cfg, [tok.eos_token_id], tok.pad_token_id, seed=SEED, bf16=args.precision == "bf16",
                  progress=False)
@@ -358,7 +359,6 @@ def bare_decode(model, prompts: list[list[int]], batch: int, new_tokens: int, pa
 def decode(args, pairs) -> dict:
     """The sampler against the bare loop, same process, same prompts, each batch size and
     precision: tokens/s and the FLOPs each needs per second."""
-    from sftjuice.config import SamplingConfig
     from sftjuice.generation import sample
 
     _, model, tok = load()
@@ -405,7 +405,6 @@ def profile(args, pairs) -> dict:
     grouped; what is left of the wall time is Python and dispatch outside tensor operators."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
-    from sftjuice.config import SamplingConfig
     from sftjuice.generation import sample
 
     _, model, tok = load()
@@ -507,39 +506,44 @@ def matmul_ceiling(args, pairs) -> dict:
     return {**{f"{k}_gflops": v for k, v in best.items()}, "load": [load0, load_now()]}
 
 
+def best_rate(weights, rows: int, dtype) -> float:
+    """FLOP/s of ``x @ W.T`` for every weight in turn on ``rows`` rows: the best of 20 timings
+    of about 20 ms each (a product alone is too short to time)."""
+    import torch
+
+    ws = [w.to(dtype).contiguous() for w in weights]
+    xs = [torch.randn(rows, w.shape[1], dtype=dtype) for w in ws]
+
+    def seconds_per_pass(reps: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            for x, w in zip(xs, ws):
+                x @ w.T
+        return (time.perf_counter() - t0) / reps
+
+    reps = max(1, round(0.02 / seconds_per_pass(3)))  # the first call also warms up
+    return sum(2 * rows * w.numel() for w in ws) / min(seconds_per_pass(reps) for _ in range(20))
+
+
 def shape_rates(args, pairs) -> dict:
     """The matmul rate at the model's own shapes: one decoder layer's linear layers and the LM
-    head, each as ``x @ W.T`` on ``M`` rows (tokens: a decode batch, a training micro-batch),
-    fp32 and bf16 weights, the best of 20 timings of about 20 ms each. A forward pass on ``M``
-    rows cannot run its matmuls faster than this, so it bounds what fraction of the (2048^3)
-    ceiling any decoder or training pass on those rows can reach."""
+    head on ``M`` rows (tokens: a decode batch, a training micro-batch), fp32 and bf16 weights.
+    A forward pass on ``M`` rows cannot run its matmuls faster than this, so it bounds what
+    fraction of the (2048^3) ceiling any forward pass on those rows can reach."""
     import torch
 
     _, model, _ = load()
     layer = [m.weight.detach() for m in model.model.layers[0].modules() if isinstance(m, torch.nn.Linear)]
     head = [model.get_output_embeddings().weight.detach()]
-    out = []
+    shape = Shape.of(model)
+    body, lm = 2 * shape.body, 2 * shape.head  # a token's forward matmuls: every layer, then the head
+    out, load0 = [], load_now()
     for rows in (32, 96, 256, 1024):
         for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
-            rate = {}
-            for part, weights in (("layer", layer), ("head", head)):
-                ws = [w.to(dtype).contiguous() for w in weights]
-                xs = [torch.randn(rows, w.shape[1], dtype=dtype) for w in ws]
-                flops = sum(2 * rows * w.numel() for w in ws)
-                def timed(reps: int) -> float:
-                    t0 = time.perf_counter()
-                    for _ in range(reps):
-                        for x, w in zip(xs, ws):
-                            x @ w.T
-                    return (time.perf_counter() - t0) / reps
-
-                reps = max(1, round(0.02 / timed(3)))  # warm-up, and enough products for 20 ms a timing
-                rate[part] = flops / min(timed(reps) for _ in range(20))
-            shape = Shape.of(model)  # the whole forward's matmuls: every layer plus the head, per token
-            body, lm = 2 * shape.body, 2 * shape.head
-            out.append({"rows": rows, "precision": name, "layer_gflops": rate["layer"] / 1e9, "head_gflops": rate["head"] / 1e9,
-                        "forward_gflops": (body + lm) / (body / rate["layer"] + lm / rate["head"]) / 1e9})
-    return {"runs": out, "load": [load_now(), load_now()]}
+            layer_rate, head_rate = best_rate(layer, rows, dtype), best_rate(head, rows, dtype)
+            out.append({"rows": rows, "precision": name, "layer_gflops": layer_rate / 1e9, "head_gflops": head_rate / 1e9,
+                        "forward_gflops": (body + lm) / (body / layer_rate + lm / head_rate) / 1e9})
+    return {"runs": out, "load": [load0, load_now()]}
 
 
 CONTENDERS = {"trl-default": lambda a, p: trl_train(a, p, "default"), "trl-fp32": lambda a, p: trl_train(a, p, "fp32"),

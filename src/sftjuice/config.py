@@ -107,9 +107,9 @@ class SamplingConfig(Checked):
     temperature: float = _f(1.0, "sampling temperature; 0 = greedy", ge=0)
     top_p: float = _f(1.0, "nucleus sampling threshold (1 = off)", gt=0, le=1)
     max_new_tokens: int = _f(128, "longest sampled response, in tokens", ge=1)
-    # 64 rather than 32: decoding is matrix-vector work whose matmuls run at 0.46 of the fp32
-    # ceiling on 32 rows and 0.60 on 96 (benchmarks/results/speed.md); the cache costs ~0.9 GB
-    # for 64 rows of 300 positions of the default model
+    # 64 rather than 32: a decode step's matmuls have one row per sequence, and the default
+    # model's run at 0.47-0.56 of the fp32 ceiling on 32 rows and 0.61-0.77 on 96 (two runs,
+    # README "What it found"); the cache costs ~0.9 GB for 64 rows of 300 positions of it
     generation_batch_size: int = _f(64, "sequences decoded together", ge=1)
     generation_backend: Literal["torch", "vllm"] = _f(
         "torch", "sampling engine: the in-process KV-cache sampler, or vLLM (needs the vllm package and a CUDA GPU)")
