@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
+from typing import Callable
 
 from ..config import SFTConfig
 from ..data import Example, global_batches
 from ..losses import sft_loss
 from ..scoring import completion_logprobs
-from ..training import Learner, start_run, steps_for
+from ..training import Learner, Run, start_run, steps_for
 
 
 def sft_micro_loss(learner: Learner):
@@ -27,7 +29,11 @@ def completion_tokens(items: list[Example]) -> int:
     return sum(len(e.completion_ids) for e in items)
 
 
-def train(cfg: SFTConfig, model=None, tokenizer=None, data=None) -> Path:
+def train(cfg: SFTConfig, model=None, tokenizer=None, data=None,
+          on_epoch_end: Callable[[int, "Run"], bool] | None = None) -> Path:
+    """``on_epoch_end(epoch, run)`` (epochs count from 1) runs at the end of each epoch, before
+    that epoch's checkpoint, so a resumed run calls it again for an epoch it had not saved;
+    returning True ends training there (early stopping on a validation split)."""
     run = start_run(cfg, model, tokenizer, data)
     examples = run.examples
     per_epoch, total = steps_for(len(examples), run.prompts_per_step, cfg.epochs)
@@ -49,7 +55,10 @@ def train(cfg: SFTConfig, model=None, tokenizer=None, data=None) -> Path:
         bar.update(1)
         bar.set_postfix(loss=f"{stats['loss']:.4f}")
         end_of_epoch = (step + 1) % per_epoch == 0 or step + 1 == total
+        stop = bool(end_of_epoch and on_epoch_end and on_epoch_end(math.ceil((step + 1) / per_epoch), run))
         if end_of_epoch or (cfg.save_every and (step + 1) % cfg.save_every == 0):
             run.save_checkpoint({"step": step + 1})
+        if stop:
+            break
     bar.close()
     return run.finish()
