@@ -294,3 +294,29 @@ def test_sft_weight_adds_the_demonstrations_per_token_nll(tiny_model_dir, demo_f
             logp = run.policy(torch.tensor([e.prompt_ids + e.completion_ids])).logits[0].log_softmax(-1)
             nll -= sum(logp[len(e.prompt_ids) + t - 1, tok].item() for t, tok in enumerate(e.completion_ids)) / len(e.completion_ids)
     assert losses[0.5] - losses[0.0] == pytest.approx(0.5 * nll, rel=1e-4)
+
+
+def test_a_sample_equal_to_its_demonstration_is_left_out_of_the_loss_and_its_count(tiny_model_dir, demo_file, tmp_path):
+    """Such a pair has no gradient: kept, it would only dilute the step by counting in the normaliser."""
+    from sftjuice.algorithms.irft import pair_micro_loss
+    from sftjuice.algorithms.rounds import Completion, Group, distinct_pairs_in
+    from sftjuice.training import start_run
+
+    cfg = IRFTConfig(model=str(tiny_model_dir), data=str(demo_file), output=str(tmp_path / "o"), sft_weight=0.5)
+    run = start_run(cfg)
+    learner = run.learner(run.policy_model, cfg.learning_rate, 1)
+    e = run.examples[0]
+    other = Completion([216, 34, 2], [-20.0])
+    same = Completion(list(e.completion_ids), [-1.0] * len(e.completion_ids))
+    both = [Group(e, [same, other], demonstration_logprob=-30.0)]
+    alone = [Group(e, [other, other], demonstration_logprob=-30.0)]
+    assert distinct_pairs_in(both) == 1 and distinct_pairs_in(alone) == 2
+    loss_both, stats_both = pair_micro_loss(learner, cfg)(both)
+    loss_alone, _ = pair_micro_loss(learner, cfg)(alone)
+    assert loss_both.item() == pytest.approx(loss_alone.item() / 2, rel=1e-5)  # the one distinct pair's loss
+    assert stats_both["margin_positive"].item() <= 1
+    # a global batch of identical pairs only: no optimiser step, the weights stay
+    before = {k: v.clone() for k, v in learner.unwrapped.state_dict().items()}
+    stats = learner.step([Group(e, [same], demonstration_logprob=-30.0)], pair_micro_loss(learner, cfg), distinct_pairs_in)
+    assert stats["skipped"] == 1
+    assert all(torch.equal(before[k], v) for k, v in learner.unwrapped.state_dict().items())

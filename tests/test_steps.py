@@ -262,3 +262,20 @@ def test_killed_steps_run_resumes_without_resampling_and_ends_identical(lined_mo
         assert (out / f"rounds/{r}/generations.jsonl").read_text() == (tmp_path / f"straight/rounds/{r}/generations.jsonl").read_text()
     steps = [m["step"] for m in read_metrics(out) if "event" not in m]
     assert steps == [m["step"] for m in read_metrics(tmp_path / "straight") if "event" not in m] and len(steps) > 4
+
+
+def test_sft_weight_adds_the_positives_per_token_nll(tiny_model_dir, multistep_file, tmp_path):
+    from sftjuice.algorithms.steps import PairGroup, dpo_micro_loss
+    from sftjuice.training import start_run
+
+    cfg = StepsConfig(model=str(tiny_model_dir), data=str(multistep_file), output=str(tmp_path / "o"))
+    run = start_run(cfg)
+    learner = run.learner(run.policy_model, cfg.learning_rate, 1)
+    groups = [PairGroup(e, [list(e.completion_ids)], [[216, 34, 2]], [-30.0], [-20.0]) for e in run.examples[:3]]
+    losses = {w: dpo_micro_loss(learner, cfg.beta, w)(groups)[0].item() for w in (0.0, 0.5)}
+    with torch.no_grad():
+        nll = 0.0
+        for e in run.examples[:3]:
+            logp = run.policy(torch.tensor([e.prompt_ids + e.completion_ids])).logits[0].log_softmax(-1)
+            nll -= sum(logp[len(e.prompt_ids) + t - 1, tok].item() for t, tok in enumerate(e.completion_ids)) / len(e.completion_ids)
+    assert losses[0.5] - losses[0.0] == pytest.approx(0.5 * nll, rel=1e-4)

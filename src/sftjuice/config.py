@@ -273,6 +273,7 @@ class StepsConfig(VerifiedConfig):
     credit: Literal["step", "response"] = _f(
         "step", "step: the negative is cut after its first pit; response: the whole wrong solution (no rollouts)")
     beta: float = _f(0.1, "DPO beta against pi_SFT (the starting model)", gt=0)
+    sft_weight: float = _f(0.0, "add this weight times the verified positive's per-token NLL to each pair's loss", ge=0)
 
 
 @dataclass

@@ -30,7 +30,7 @@ from ..scoring import sequence_logprobs_of, shared_logprobs, singletons, token_l
 from ..storage import read_jsonl
 from ..training import Learner, Run, start_run
 from . import rounds
-from .rounds import Group, groups_of, samples_in
+from .rounds import Group, groups_of, distinct_pairs_in, samples_in
 
 
 def pair_micro_loss(learner: Learner, cfg: PairConfig):
@@ -45,11 +45,13 @@ def pair_micro_loss(learner: Learner, cfg: PairConfig):
         if cfg.sft_weight:  # keep pushing demonstrations up as SFT does (RPO-style regulariser)
             lengths = torch.tensor([len(g.example.completion_ids) for g in groups for _ in g.samples], device=logps.device)
             loss = loss - cfg.sft_weight * policy_chosen / lengths
+        keep = torch.tensor([d for g in groups for d in g.differs], device=logps.device).float()  # see Group.differs
         margin = r_chosen - r_rejected
-        return loss.sum(), {
-            "loss": loss.sum(), "reward_chosen": r_chosen.sum(), "reward_rejected": r_rejected.sum(),
-            "margin": margin.sum(), "margin_positive": (margin > 0).float().sum(),
-            "logp_chosen": policy_chosen.detach().sum(), "logp_rejected": policy_rejected.detach().sum(),
+        return (loss * keep).sum(), {
+            "loss": (loss * keep).sum(), "reward_chosen": (r_chosen * keep).sum(),
+            "reward_rejected": (r_rejected * keep).sum(), "margin": (margin * keep).sum(),
+            "margin_positive": ((margin > 0).float() * keep).sum(),
+            "logp_chosen": (policy_chosen.detach() * keep).sum(), "logp_rejected": (policy_rejected.detach() * keep).sum(),
         }
 
     return micro_loss
@@ -130,10 +132,11 @@ def train(cfg: PairConfig, model=None, tokenizer=None, data=None) -> Path:
             rows_heldout = rounds.sample_round(run, r, list(range(len(heldout[0]))), cfg.seed, pi_t, name="heldout",
                                                data=heldout, annotate=demonstration_logprobs(run))
         t1 = time.time()
-        step = rounds.train_passes(run, policy, groups, r, cfg.passes, micro_loss, samples_in, state=state, step=start,
+        step = rounds.train_passes(run, policy, groups, r, cfg.passes, micro_loss, distinct_pairs_in, state=state, step=start,
                                    round_end=end, pi_t=pi_t, bar=bar)
         run.log_metrics({
-            "step": step, "event": "round", "round": r, "pairs": samples_in(groups), **rounds.sample_stats(rows),
+            "step": step, "event": "round", "round": r, "pairs": distinct_pairs_in(groups),
+            "identical_pairs": samples_in(groups) - distinct_pairs_in(groups), **rounds.sample_stats(rows),
             **(heldout_margins(run, groups_of(rows_heldout, heldout[0])) if heldout else {}),
             "generation_seconds": round(t1 - t0, 2), "train_seconds": round(time.time() - t1, 2),
         })

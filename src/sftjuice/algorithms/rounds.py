@@ -86,10 +86,21 @@ class Group:
     def __len__(self) -> int:  # the padded width of its batch rows
         return len(self.example.prompt_ids) + max(map(len, self.completions))
 
+    @property
+    def differs(self) -> list[bool]:
+        """Per sample: not the demonstration token for token. A pair of two equal responses
+        has no gradient in a pair loss, so it is left out of the loss and of its count."""
+        return [s.token_ids != self.example.completion_ids for s in self.samples]
+
 
 def samples_in(groups: list[Group]) -> int:
-    """The count pair losses are normalised by: (demonstration, sample) pairs, i.e. samples."""
     return sum(len(g.samples) for g in groups)
+
+
+def distinct_pairs_in(groups: list[Group]) -> int:
+    """The count pair losses are normalised by: (demonstration, sample) pairs whose sample
+    differs from the demonstration."""
+    return sum(sum(g.differs) for g in groups)
 
 
 def groups_of(rows: list[dict], examples: list[Example]) -> list[Group]:

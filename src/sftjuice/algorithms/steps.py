@@ -362,8 +362,9 @@ def _collate_ragged(learner: Learner, groups, lists: list[list[list[int]]]):
                                   [c for cs in lists for c in cs + [[]] * (k - len(cs))]), k
 
 
-def dpo_micro_loss(learner: Learner, beta: float):
-    """DPO against pi_SFT, summed over the micro-batch's pairs (normalised by the step)."""
+def dpo_micro_loss(learner: Learner, beta: float, sft_weight: float = 0.0):
+    """DPO against pi_SFT, plus ``sft_weight`` times the positive's per-token NLL (the NLL term
+    Pang et al. 2024 found crucial), summed over the micro-batch's pairs (normalised by the step)."""
     def micro_loss(groups: list[PairGroup]):
         batch, k = _collate_ragged(learner, groups, [g.chosen + g.rejected for g in groups])
         logps = shared_logprobs(learner.model, batch).sum(-1).view(len(groups), k)
@@ -372,6 +373,9 @@ def dpo_micro_loss(learner: Learner, beta: float):
         ref_chosen = torch.tensor([x for g in groups for x in g.ref_chosen], device=logps.device)
         ref_rejected = torch.tensor([x for g in groups for x in g.ref_rejected], device=logps.device)
         loss, margin = preference_loss(chosen, ref_chosen, rejected, ref_rejected, "sigmoid", beta)
+        if sft_weight:
+            lengths = torch.tensor([len(c) for g in groups for c in g.chosen], device=logps.device)
+            loss = loss - sft_weight * chosen / lengths
         return loss.sum(), {"loss": loss.sum(), "margin": margin.sum(), "margin_positive": (margin > 0).float().sum(),
                             "logp_chosen": chosen.detach().sum(), "logp_rejected": rejected.detach().sum()}
 
@@ -425,7 +429,7 @@ def _train(cfg: VerifiedConfig, model=None, tokenizer=None, data=None) -> Path:
     policy = run.learner(run.policy_model, cfg.learning_rate, sum(round_steps))
     ref = run.frozen_copy() if pairs and not is_peft(run.policy) else None  # pi_SFT, made before any step
     state = run.resume()
-    micro_loss, weight = (dpo_micro_loss(policy, cfg.beta), pairs_in) if pairs else (positive_micro_loss(policy), positive_tokens)
+    micro_loss, weight = (dpo_micro_loss(policy, cfg.beta, cfg.sft_weight), pairs_in) if pairs else (positive_micro_loss(policy), positive_tokens)
     bar = run.progress(sum(round_steps), state["step"])
     step = 0
     for rnd, steps in zip(plan, round_steps):
