@@ -109,3 +109,26 @@ def test_resumed_from_an_earlier_checkpoint_ends_identical(method, left, tiny_mo
     run_cli(*args, "--output", out, "--resume")
     assert_same_weights(tmp_path / "straight/final", out / "final")
     assert untimed(read_metrics(out)) == untimed(read_metrics(tmp_path / "straight"))
+
+
+@pytest.mark.parametrize("method", ["sft", "irft", "rft", "steps"])
+def test_a_run_resumed_for_more_epochs_ends_as_one_run_for_all_of_them(method, tiny_model_dir, tmp_path):
+    """With a constant schedule a run's rounds and steps do not depend on how many follow, so
+    ``--resume --epochs 2`` on a finished one-epoch run equals a two-epoch run (the plateau
+    benchmark validates each epoch this way)."""
+    data = write_jsonl(tmp_path / "demos.jsonl", sort_rows(8))
+    options = ["--method", "sft"] if method == "sft" else METHODS[method]  # without sft's --epochs 2
+    args = ["train", "--model", tiny_model_dir, "--data", data, *SMALL, *options, "--lr-scheduler", "constant"]
+    run_cli(*args, "--epochs", "2", "--output", tmp_path / "straight")
+    run_cli(*args, "--epochs", "1", "--output", tmp_path / "grown")
+    run_cli(*args, "--epochs", "2", "--output", tmp_path / "grown", "--resume")
+    assert_same_weights(tmp_path / "straight/final", tmp_path / "grown/final")
+    assert untimed(read_metrics(tmp_path / "grown")) == untimed(read_metrics(tmp_path / "straight"))
+
+
+def test_more_epochs_on_resume_are_refused_where_the_schedule_depends_on_the_total(tiny_model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "demos.jsonl", sort_rows(8))
+    args = ["train", "--model", tiny_model_dir, "--data", data, "--output", tmp_path / "o", *SMALL, "--method", "sft"]
+    run_cli(*args, "--epochs", "1")
+    grown = run_cli(*args, "--epochs", "2", "--resume", check=False)
+    assert grown.returncode == 2 and "--epochs 1.0 -> 2.0" in grown.stderr.strip().splitlines()[-1]

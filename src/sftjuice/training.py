@@ -286,6 +286,16 @@ MANIFEST = "manifest.json"
 RESUMABLE_CHANGES = {"resume", "overwrite", "log_every"}
 
 
+# a run may be resumed for more of these: its rounds and batches so far do not depend on how
+# many follow, and with a constant schedule and no warmup neither does its learning rate
+GROWABLE = {"epochs", "iterations"}
+
+
+def can_grow(old: dict, key: str, value) -> bool:
+    return (value >= old.get(key, value) and old.get("lr_scheduler") == "constant"
+            and not old.get("warmup_ratio"))
+
+
 def manifest_of(cfg: TrainConfig, data_fp: str, model_fp: str) -> dict:
     from importlib.metadata import version
 
@@ -309,7 +319,7 @@ def check_output(output: Path, cfg: TrainConfig, manifest: dict) -> None:
                             "(use --overwrite or another --output)")
     old = json.loads(path.read_text())
     changes = [f"{flag(k)} {old['config'].get(k)!r} -> {v!r}" for k, v in manifest["config"].items()
-               if old["config"].get(k) != v]
+               if old["config"].get(k) != v and not (k in GROWABLE and can_grow(old["config"], k, v))]
     changes += [f"the {what} changed" for what in ("data", "model") if old.get(what) != manifest[what]]
     if changes:
         raise SftjuiceError(f"--resume: {output} was started with other settings: {'; '.join(changes)} "
