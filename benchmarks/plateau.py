@@ -47,6 +47,42 @@ SEEDS = 3
 MAX_EPOCHS = 12
 PATIENCE = 2
 SFT_LR = 5e-5  # SFTConfig's default, linear decay over MAX_EPOCHS
+ARM_MAX_EPOCHS = 6  # each arm from SFT-best: up to this many passes over the demonstrations, validated after each
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One arm from SFT-best: a method, the settings every trial shares, and its trials (the
+    same number for every arm). ``grows`` is the option raised by one each epoch (a run
+    resumed for one more epoch equals a longer run: constant schedule, no warmup)."""
+    method: str
+    fixed: dict
+    trials: tuple[dict, ...]
+    grows: str = "epochs"
+    max_epochs: int = ARM_MAX_EPOCHS
+
+
+# The trials: one learning-rate sweep per arm, the step size lr x (beta for pair losses);
+# the pair methods keep beta 0.1 and the demonstration's NLL term (sft_weight 1, which
+# Pang et al. 2024 found crucial) fixed, a pruning of the issue's 3 x 2 x 2 grid that gives
+# every arm three trials.
+PAIR_LRS = tuple({"learning_rate": lr} for lr in (2e-6, 1e-5, 5e-5))
+ARMS: dict[str, Arm] = {
+    # continued SFT may take as many steps as the costliest arm: rft's 32 a pass (4 prompts a step) x 6
+    "sft": Arm("sft", {}, tuple({"learning_rate": lr} for lr in (5e-6, 2e-5, 5e-5)),
+               max_epochs=2 * ARM_MAX_EPOCHS),
+    "irft": Arm("irft", {"rounds": 2, "beta": 0.1, "sft_weight": 1.0}, PAIR_LRS),
+    "spin": Arm("spin", {"keep_previous_round": True, "beta": 0.1, "sft_weight": 1.0}, PAIR_LRS, grows="iterations"),
+    "rft": Arm("rft", {"rounds": 2}, PAIR_LRS),
+    "rest": Arm("rest", {"rounds": 2}, PAIR_LRS),
+    "steps": Arm("steps", {"rounds": 2, "sft_weight": 1.0}, PAIR_LRS),
+    "steps-response": Arm("steps", {"rounds": 2, "sft_weight": 1.0, "credit": "response"}, PAIR_LRS),
+}
+BASELINE = "sft"  # continued SFT from SFT-best
+# --estimate before an arm has run: its training epoch in SFT epochs (the quality benchmark's
+# one-epoch stages at 128 demonstrations), and each epoch's start-up (loading, reference models)
+ARM_COST = {"sft": 1.0, "irft": 2.5, "spin": 3.5, "rft": 7.0, "rest": 2.5, "steps": 8.0, "steps-response": 4.0}
+ARM_STARTUP = 20.0
 
 
 # ------------------------------------------------------------------------ data
@@ -182,6 +218,150 @@ def sft_best_units(seeds: int) -> list[tuple[str, int, str]]:
     return units + [(t, s, "fp32") for s in range(1, seeds) for t in TASKS]
 
 
+# ------------------------------------------------------------------------ stages 2-3: arms
+
+
+def validate_dir(validate: Validator, model_dir: Path) -> dict:
+    from sftjuice.config import ModelConfig
+    from sftjuice.evaluation import load_judged
+
+    model, chat = load_judged(model_dir, ModelConfig())
+    return validate(model, chat)
+
+
+def round_records(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [r for r in map(json.loads, lines) if r.get("event") == "round"]
+
+
+def arm_config(work: Path, task: str, seed: int, name: str, settings: dict, epochs: int, output: Path):
+    """The method's config for ``epochs`` epochs from the seed's fp32 SFT-best: its defaults, the
+    task's answer length and verifier where it takes them, the arm's and the trial's settings."""
+    import dataclasses
+
+    from sftjuice.config import METHOD_CONFIGS
+    from sftjuice.demo import task_spec
+
+    arm = ARMS[name]
+    cls = METHOD_CONFIGS[arm.method]
+    has = {f.name for f in dataclasses.fields(cls)}
+    spec = task_spec(task)
+    options = {"max_new_tokens": spec.max_new_tokens, "verifier": spec.verifier,
+               "eval_data": str(task_data(work, task)[0]), "eval_size": 16, "lr_scheduler": "constant"}
+    options = {k: v for k, v in options.items() if k in has}
+    start = work / task / f"seed{seed}" / "sft-best-fp32" / "best"
+    return cls(model=str(start), data=str(train_file(work, task, seed)), output=str(output), seed=seed, resume=True,
+               keep_checkpoints=1, **options, **arm.fixed, **settings, **{arm.grows: epochs})
+
+
+def run_arm(work: Path, task: str, seed: int, name: str, trial: int) -> dict:
+    """One trial of an arm on one seed: epoch by epoch from SFT-best (epoch 0 is SFT-best
+    itself, so "no extra epoch" can win), validated after each, patience 2; ``best/`` is the
+    best epoch's model. Resumable: an epoch resumes inside its run; curve.json grows by epoch."""
+    from sftjuice.api import train
+    from sftjuice.storage import atomic_write_text
+
+    settings = ARMS[name].trials[trial]
+    unit = work / task / f"seed{seed}" / f"arm-{name}-t{trial}"
+    done_file, curve_file, run_dir = unit / "done.json", unit / "curve.json", unit / "run"
+    if done_file.exists():
+        return json.loads(done_file.read_text())
+    start = json.loads((work / task / f"seed{seed}" / "sft-best-fp32" / "done.json").read_text())
+    unit.mkdir(parents=True, exist_ok=True)
+    curve = json.loads(curve_file.read_text()) if curve_file.exists() else [
+        {"epoch": 0, "step": 0, "accuracy": start["validation_accuracy"], "nll": start["validation_nll"],
+         "train_seconds": 0.0, "seconds": 0.0}]
+    validate = validator(work, task)
+    while not patience_spent(curve) and curve[-1]["epoch"] < ARMS[name].max_epochs:
+        epoch = curve[-1]["epoch"] + 1
+        t0 = time.time()
+        final = train(arm_config(work, task, seed, name, settings, epoch, run_dir))
+        seconds = time.time() - t0
+        result = validate_dir(validate, final)
+        steps = max((json.loads(line).get("step", 0) for line in (run_dir / "metrics.jsonl").read_text().splitlines()),
+                    default=0)
+        curve.append({"epoch": epoch, "step": steps, "accuracy": result["accuracy"], "nll": result["nll"],
+                      "train_seconds": round(seconds, 1), "seconds": result["seconds"]})
+        if best_epoch(curve)["epoch"] == epoch:
+            tmp = unit / ".best.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(final, tmp)
+            shutil.rmtree(unit / "best", ignore_errors=True)
+            os.replace(tmp, unit / "best")
+        atomic_write_text(curve_file, json.dumps(curve, indent=1))
+        logging.info("%s seed %d %s trial %d epoch %d: validation accuracy %.1f%%, NLL/token %.4f (%d steps)",
+                     task, seed, name, trial, epoch, 100 * result["accuracy"], result["nll"], steps)
+    best = best_epoch(curve)
+    rounds_seen = round_records(run_dir)
+    result = {"task": task, "seed": seed, "arm": name, "method": ARMS[name].method, "trial": trial,
+              "settings": {**ARMS[name].fixed, **settings}, "best_epoch": best["epoch"], "best_step": best["step"],
+              "validation_accuracy": best["accuracy"], "validation_nll": best["nll"], "curve": curve,
+              "steps": curve[-1]["step"], "train_seconds": round(sum(e["train_seconds"] for e in curve), 1),
+              "validation_seconds": round(sum(e["seconds"] for e in curve), 1),
+              "model": str(unit / "best") if best["epoch"] else str(work / task / f"seed{seed}" / "sft-best-fp32" / "best"),
+              "rounds": [{k: r[k] for k in ("round", "step", "pairs", "identical_pairs", "heldout_margin", "accuracy",
+                                            "acceptance_rate", "loss", "margin") if k in r} for r in rounds_seen]}
+    atomic_write_text(done_file, json.dumps(result, indent=1))
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    shutil.rmtree(run_dir / "final", ignore_errors=True)
+    return result
+
+
+def chosen_trial(work: Path, task: str, name: str) -> int | None:
+    """The trial with the best validation accuracy on seed 0 (ties: the earlier trial), once every trial ran."""
+    done = [work / task / "seed0" / f"arm-{name}-t{t}" / "done.json" for t in range(len(ARMS[name].trials))]
+    if not all(p.exists() for p in done):
+        return None
+    scores = [json.loads(p.read_text())["validation_accuracy"] for p in done]
+    return max(range(len(scores)), key=lambda t: (scores[t], -t))
+
+
+def test_eval(work: Path, task: str, seed: int, name: str, trial: int) -> dict:
+    """The arm's best model (on validation) judged once on the held-out test prompts."""
+    from sftjuice.data import load_demonstrations
+    from sftjuice.demo import task_spec
+    from sftjuice.evaluation import evaluate_model
+    from sftjuice.storage import atomic_write_text
+
+    unit = work / task / f"seed{seed}" / f"arm-{name}-t{trial}"
+    path = unit / "test.json"
+    if not path.exists():
+        done = json.loads((unit / "done.json").read_text())
+        spec = task_spec(task)
+        t0 = time.time()
+        ev = evaluate_model(done["model"], load_demonstrations(task_data(work, task)[1]), spec.max_new_tokens, spec.verifier)
+        atomic_write_text(path, json.dumps({"correct": ev["correct"], "accuracy": ev["accuracy"]["mean"],
+                                            "answer_logprob": ev["answer_logprob"]["mean"], "seconds": time.time() - t0}))
+    return json.loads(path.read_text())
+
+
+def arm_units(task: str, arms: list[str], seeds: int) -> list[tuple[str, int, str, int | None]]:
+    """("tune", 0, arm, trial) for every trial on seed 0, then ("arm", seed, arm, None) per seed for
+    the chosen trial (seed 0's is its tuning run) with its test evaluation."""
+    units = [("tune", 0, a, t) for a in arms for t in range(len(ARMS[a].trials))]
+    return units + [("arm", s, a, None) for s in range(seeds) for a in arms]
+
+
+def run_arms(args, task: str) -> None:
+    started = time.time()
+    for kind, seed, name, trial in arm_units(task, args.arms, args.seeds):
+        if not (args.work / task / f"seed{seed}" / "sft-best-fp32" / "done.json").exists():
+            print(f"{task} seed {seed}: SFT-best has not run yet (--stage sft-best first)")
+            return
+        if time.time() - started > 60 * args.budget_minutes:
+            print(f"budget of {args.budget_minutes:.0f} min spent: the rest of the stage runs on the next call")
+            return
+        if kind == "tune":
+            print(f"== tune {task} {name} trial {trial} {ARMS[name].trials[trial]}", flush=True)
+            run_arm(args.work, task, 0, name, trial)
+            continue
+        chosen = chosen_trial(args.work, task, name)
+        print(f"== arm {task} {name} seed {seed} (trial {chosen})", flush=True)
+        run_arm(args.work, task, seed, name, chosen)
+        test_eval(args.work, task, seed, name, chosen)
+
+
 # ------------------------------------------------------------------------ report
 
 
@@ -222,7 +402,12 @@ def report(args) -> None:
         for t, s, p in planned:
             if t == task:
                 lines.append(f"| sft-best | seed {s}, {p} | {'done' if (t, s, p) in ran else 'to run'} |")
-        lines += ["| tune | seed 0, validation | to run |", "| arms | 3 seeds, test prompts | to run |", ""]
+        for kind, seed, name, trial in arm_units(task, args.arms, args.seeds):
+            unit = args.work / task / f"seed{seed}" / (f"arm-{name}-t{trial}" if kind == "tune" else "")
+            ran_it = (unit / "done.json").exists() if kind == "tune" else tested(args.work, task, seed, name)
+            what = f"{name} trial {trial}" if kind == "tune" else f"{name}, seed {seed}"
+            lines.append(f"| {kind} | {what} | {'done' if ran_it else 'to run'} |")
+        lines.append("")
         lines += ["## SFT-best", "",
                   f"SFT from the base model (lr {SFT_LR:g}, linear decay over {MAX_EPOCHS} epochs, 8 prompts a step), "
                   f"validated after each epoch on {VALIDATION[1] - VALIDATION[0]} validation prompts (greedy, the task's "
@@ -240,6 +425,21 @@ def report(args) -> None:
         prec = precision_rows(mine)
         if prec:
             lines += ["## Precision (seed 0, validation)", "", markdown_table(prec, list(prec[0]))]
+        trials, arm_results = arm_tables(args, task)
+        lines += ["## Tuning trials (seed 0, validation only)", "",
+                  f"Each trial trains from seed 0's SFT-best epoch by epoch (up to {ARM_MAX_EPOCHS} passes over the "
+                  f"demonstrations; continued SFT up to {ARMS['sft'].max_epochs}), validated after each; epoch 0 is "
+                  "SFT-best itself. Every arm gets the same number of trials; the chosen one has the best validation "
+                  "accuracy.", ""]
+        lines += [markdown_table(trials, list(trials[0])) if trials else "(to run)\n"]
+        lines += [f"## Arms against continued SFT ({BASELINE}) on the held-out test prompts", ""]
+        if arm_results:
+            lines += [markdown_table(arm_results, list(arm_results[0])),
+                      "diff: accuracy minus continued SFT's, in points, mean over seeds and prompts, with the 95% "
+                      "paired two-level bootstrap interval (seeds, then prompts shared by all seeds); width in points.", ""]
+            print(f"\n{task}: arms\n" + text_table(arm_results, list(arm_results[0])))
+        else:
+            lines += ["(to run)", ""]
         name = f"quality-plateau-{task}"
         args.results.mkdir(parents=True, exist_ok=True)
         (args.results / f"{name}.md").write_text("\n".join(lines) + "\n")
@@ -247,9 +447,10 @@ def report(args) -> None:
             "task": task, "train_size": TRAIN_SIZE, "low_quality_fraction": TASKS[task],
             "splits": {"train": [0, TRAIN_SIZE], "validation_train_rows": list(VALIDATION),
                        "test": f"{task}.test.jsonl (500) + train rows {EXTRA_TEST[0]}-{EXTRA_TEST[1] - 1}"},
-            "stages": {"sft-best": {f"seed{s}-{p}": (t, s, p) in ran for t, s, p in planned if t == task},
-                       "tune": "to run", "arms": "to run"},
-            "sft_best": mine})
+            "stages": {"sft-best": {f"seed{s}-{p}": (t, s, p) in ran for t, s, p in planned if t == task}},
+            "arms": {n: {"method": a.method, "fixed": a.fixed, "trials": a.trials, "max_epochs": a.max_epochs}
+                     for n, a in ARMS.items() if n in args.arms},
+            "sft_best": mine, "trials": trials, "results": arm_results})
         if mine:
             series = [(f"seed {d['seed']} {d['precision']}", [e["epoch"] for e in d["curve"]],
                        [100 * e["accuracy"] for e in d["curve"]], None) for d in mine]
@@ -259,6 +460,64 @@ def report(args) -> None:
                              [("validation accuracy", "accuracy (%)", series), ("validation NLL", "NLL / token", nll)],
                              xlabel="SFT epoch", title=f"{task}: SFT-best curves", columns=2)
         print(f"wrote {args.results / name}.md/.json" + (".png" if mine else ""))
+
+
+def tested(work: Path, task: str, seed: int, name: str) -> dict | None:
+    chosen = chosen_trial(work, task, name)
+    path = work / task / f"seed{seed}" / f"arm-{name}-t{chosen}" / "test.json"
+    return json.loads(path.read_text()) if chosen is not None and path.exists() else None
+
+
+def arm_tables(args, task: str) -> tuple[list[dict], list[dict]]:
+    """The tuning trials, and each arm's test result against continued SFT over the seeds both have."""
+    from sftjuice.stats import paired_bootstrap_difference
+
+    trials = []
+    for name in args.arms:
+        chosen = chosen_trial(args.work, task, name)
+        for t in range(len(ARMS[name].trials)):
+            path = args.work / task / "seed0" / f"arm-{name}-t{t}" / "done.json"
+            if not path.exists():
+                continue
+            d = json.loads(path.read_text())
+            trials.append({"arm": name, "trial": t, "settings": " ".join(f"{k}={v}" for k, v in d["settings"].items()),
+                           "best epoch": d["best_epoch"], "val acc": f"{d['validation_accuracy']:.1%}",
+                           "val NLL": f"{d['validation_nll']:.4f}", "steps": d["steps"], "train s": f"{d['train_seconds']:.0f}",
+                           "curve": " ".join(f"{e['epoch']}:{e['accuracy']:.0%}" for e in d["curve"]),
+                           "chosen": "yes" if t == chosen else ""})
+    seeds = {name: [s for s in range(args.seeds) if tested(args.work, task, s, name)] for name in args.arms}
+    out = []
+    for name in args.arms:
+        if not seeds[name]:
+            continue
+        runs = [json.loads((args.work / task / f"seed{s}" / f"arm-{name}-t{chosen_trial(args.work, task, name)}"
+                            / "done.json").read_text()) for s in seeds[name]]
+        scores = [[float(c) for c in tested(args.work, task, s, name)["correct"]] for s in seeds[name]]
+        row = {"arm": name, "seeds": len(scores),
+               "test acc (per seed)": f"{statistics.fmean(map(statistics.fmean, scores)):.1%} ("
+                                      + " ".join(f"{statistics.fmean(x):.1%}" for x in scores) + ")"}
+        both = [s for s in seeds[name] if s in seeds.get(BASELINE, [])]
+        if name != BASELINE and both:
+            base = [[float(c) for c in tested(args.work, task, s, BASELINE)["correct"]] for s in both]
+            mine = [[float(c) for c in tested(args.work, task, s, name)["correct"]] for s in both]
+            d = paired_bootstrap_difference(mine, base, shared_prompts=True)
+            row[f"diff vs {BASELINE} [95%]"] = f"{100 * d.mean:+.1f} [{100 * d.low:+.1f}, {100 * d.high:+.1f}]"
+            row["width"] = f"{100 * d.width:.1f}"
+            row["verdict"] = "better" if d.low > 0 else "worse" if d.high < 0 else "within noise"
+        row.update({"best epochs": " ".join(str(r["best_epoch"]) for r in runs),
+                    "steps": " ".join(str(r["best_step"]) for r in runs),
+                    "train s": f"{statistics.fmean(r['train_seconds'] for r in runs):.0f}",
+                    "val NLL": f"{statistics.fmean(r['validation_nll'] for r in runs):.4f}"})
+        rounds_all = [x for r in runs for x in r["rounds"]]
+        pairs = sum(x.get("pairs", 0) + x.get("identical_pairs", 0) for x in rounds_all)
+        if any("identical_pairs" in x for x in rounds_all) and pairs:
+            row["identical pairs"] = f"{sum(x.get('identical_pairs', 0) for x in rounds_all) / pairs:.0%}"
+        for key, label in (("heldout_margin", "held-out margin"), ("accuracy", "verified share")):
+            values = [x[key] for x in rounds_all if key in x]
+            if values:
+                row[label] = f"{statistics.fmean(values):.3f}"
+        out.append(row)
+    return trials, out
 
 
 # ------------------------------------------------------------------------ estimate
@@ -282,11 +541,43 @@ def estimate(args) -> None:
             total += minutes
         print(f"  {unit[0]} seed {unit[1]} {unit[2]}: {minutes:.0f} min ({how})")
     print(f"remaining in sft-best: about {total:.0f} min")
+    remaining = total
+    for task in args.tasks:
+        sft = [d for (t, _, p), d in done.items() if t == task and p == "fp32"]
+        if sft:
+            sft_epoch = statistics.fmean(d["train_seconds"] / d["stopped_at_epoch"] for d in sft)
+            val_epoch = statistics.fmean(d["validation_seconds"] / d["stopped_at_epoch"] for d in sft)
+        else:
+            sft_epoch, val_epoch = (150, 150) if "multistep" in task else (40, 55)
+        finished = load_done(args.work, f"{task}/seed*/arm-*/done.json")
+        measured = {}
+        for d in finished:  # seconds per epoch (training with start-up, and validation) by arm
+            measured.setdefault(d["arm"], []).append((d["train_seconds"] + d["validation_seconds"]) / max(1, len(d["curve"]) - 1))
+        epochs = statistics.fmean(len(d["curve"]) - 1 for d in finished) if finished else 4.0
+        print(f"stage arms, {task} (per epoch: SFT {sft_epoch:.0f} s, validation {val_epoch:.0f} s, start-up "
+              f"{ARM_STARTUP:.0f} s; {epochs:.1f} epochs a trial)")
+        task_total = 0.0
+        for kind, seed, name, trial in arm_units(task, args.arms, args.seeds):
+            unit = args.work / task / f"seed{seed}" / (f"arm-{name}-t{trial}" if kind == "tune" else "")
+            if (unit / "done.json").exists() if kind == "tune" else tested(args.work, task, seed, name):
+                continue
+            if kind == "arm" and seed == 0:
+                task_total += val_epoch * 700 / 300 / 60  # its tuning run is seed 0's; the test evaluation remains
+                continue
+            per_epoch = (statistics.fmean(measured[name]) if name in measured
+                         else ARM_COST[name] * sft_epoch + ARM_STARTUP + val_epoch)
+            task_total += (epochs * per_epoch + (val_epoch * 700 / 300 if kind == "arm" else 0)) / 60
+        print(f"  remaining: about {task_total:.0f} min")
+        remaining += task_total
+    print(f"all stages: about {remaining / 60:.1f} h remaining")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stage", choices=["sft-best"], help="run (or resume) a stage, then report")
+    ap.add_argument("--stage", choices=["sft-best", "arms"],
+                    help="run (or resume) a stage, then report: sft-best, or arms (the tuning trials on seed 0, "
+                         "then the chosen trial of every arm on every seed, judged on the test prompts)")
+    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     ap.add_argument("--estimate", action="store_true", help="print the stages and their minutes, then exit")
     ap.add_argument("--report", action="store_true", help="rewrite the results files from what has run")
     ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
@@ -310,6 +601,9 @@ def main() -> None:
                 break
             print(f"== sft-best {task} seed {seed} {precision}", flush=True)
             sft_best(args.work, task, seed, precision, args.model)
+    if args.stage == "arms":
+        for task in args.tasks:
+            run_arms(args, task)
     report(args)
 
 

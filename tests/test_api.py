@@ -27,6 +27,19 @@ def test_the_readme_example_runs(tiny_model_dir, demo_file, tmp_path, monkeypatc
     assert scope["final"] == tmp_path / "runs/irft-mem/final" or str(scope["final"]).endswith("runs/irft-mem/final")
 
 
+def test_runs_of_either_precision_follow_each_other_in_one_process(tiny_model_dir, demo_file, tmp_path):
+    """accelerate keeps one precision per process; a second train() with another --bf16 must still run in it."""
+    import json
+
+    from sftjuice import train
+
+    for precision in ("false", "true", "false"):
+        out = tmp_path / precision / str(len(list(tmp_path.iterdir())))
+        train(SFTConfig(model=str(tiny_model_dir), data=str(demo_file), output=str(out), epochs=0.25, bf16=precision))
+        steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert steps and (out / "final" / "config.json").exists()
+
+
 @pytest.mark.parametrize("cls", [SFTConfig, IRFTConfig, SPINConfig, RFTConfig])
 def test_every_method_runs_with_no_tuning_flags(cls):
     cfg = cls(data="d.jsonl", output="o")

@@ -29,6 +29,7 @@ from typing import Callable
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DistributedType, set_seed
 
 from .config import SamplingConfig, SftjuiceError, TrainConfig, config_dict, flag, require, save_config
@@ -347,6 +348,10 @@ def start_run(cfg: TrainConfig, model=None, tokenizer=None, data=None) -> Run:
     if data is None:
         require(cfg, "data")
     output = Path(cfg.output)
+    if AcceleratorState._shared_state and PartialState().num_processes == 1:
+        # accelerate keeps one precision per process: a second run in the same Python process
+        # (the API, a benchmark) with another --bf16 would be refused
+        AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no", cpu=not torch.cuda.is_available(),
                               log_with=None if cfg.report_to == "none" else cfg.report_to, project_dir=str(output))
     if accelerator.distributed_type == DistributedType.FSDP and isinstance(cfg, SamplingConfig):
