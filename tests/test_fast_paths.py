@@ -148,7 +148,7 @@ def test_bf16_auto_measures_once_per_machine_and_follows_the_measurement(tmp_pat
     import json
 
     from sftjuice.config import SFTConfig
-    from sftjuice.models import bf16_is_fast
+    from sftjuice.models import bf16_is_fast, use_bf16
 
     monkeypatch.setenv("SFTJUICE_CACHE", str(tmp_path))
     monkeypatch.setenv("SFTJUICE_BF16", "auto")
@@ -157,6 +157,16 @@ def test_bf16_auto_measures_once_per_machine_and_follows_the_measurement(tmp_pat
     assert entry["bf16"] == decided == (entry["bf16_seconds"] < entry["fp32_seconds"] / 1.3)
     assert entry["fp32_seconds"] > 0 and entry["bf16_seconds"] > 0
     stamp = (tmp_path / "bf16.json").stat().st_mtime_ns
-    assert SFTConfig(bf16="auto").bf16 is decided  # the cached decision, not a new measurement
+    assert use_bf16(SFTConfig(bf16="auto").bf16) is decided  # the cached decision, not a new measurement
     assert (tmp_path / "bf16.json").stat().st_mtime_ns == stamp
-    assert SFTConfig(bf16="false").bf16 is False and SFTConfig(bf16="true").bf16 is True
+    assert use_bf16("false") is False and use_bf16("true") is True
+
+
+def test_building_a_config_measures_nothing(tmp_path, monkeypatch):
+    """Precision is settled when a run starts: a config with --bf16 auto stays "auto" and writes no cache."""
+    from sftjuice.config import SFTConfig
+
+    monkeypatch.setenv("SFTJUICE_CACHE", str(tmp_path))
+    monkeypatch.setenv("SFTJUICE_BF16", "auto")
+    assert SFTConfig(bf16="auto").bf16 == "auto"
+    assert not (tmp_path / "bf16.json").exists()

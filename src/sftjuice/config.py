@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,11 +63,6 @@ class Checked:
                     "lt" not in meta or value < meta["lt"], "le" not in meta or value <= meta["le"]))
                 if not ok:
                     raise SftjuiceError(f"{flag(f.name)} {value}: must be {_range_text(meta)}")
-        if isinstance(getattr(self, "bf16", False), str):  # decided once, then a plain bool everywhere
-            from .models import bf16_is_fast
-
-            setting = os.environ.get("SFTJUICE_BF16", "auto") if self.bf16 == "auto" else self.bf16
-            self.bf16 = bf16_is_fast() if setting == "auto" else setting == "true"
         self.check()
 
     def check(self) -> None:

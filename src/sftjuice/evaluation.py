@@ -14,7 +14,7 @@ from pathlib import Path
 from .config import ModelConfig, RewardScoreConfig, SamplingConfig, SftjuiceError, require
 from .data import ChatFormat, DataError, Demonstration, _check_messages, _check_prompt, _text_of, load_demonstrations, load_rows
 from .generation import sample
-from .models import load_policy, load_reward_model, load_tokenizer, resolve_model, stop_token_ids
+from .models import load_policy, load_reward_model, load_tokenizer, resolve_model, stop_token_ids, use_bf16
 from .report import markdown_table, plot_lines, text_table, write_json
 from .scoring import rewards_of, sequence_logprobs_of, singletons
 from .storage import atomic_write_text, write_jsonl
@@ -267,7 +267,7 @@ def load_judged(name, cfg: ModelConfig):
 
 def sampled_responses(model, chat: ChatFormat, demos: list[Demonstration], cfg) -> list[list[Response]]:
     prompts = [chat.prompt_ids(d.prompt) for d in demos]
-    out = sample(model, prompts, cfg, chat.stop_token_ids, chat.tokenizer.pad_token_id, seed=cfg.seed, bf16=cfg.bf16)
+    out = sample(model, prompts, cfg, chat.stop_token_ids, chat.tokenizer.pad_token_id, seed=cfg.seed, bf16=use_bf16(cfg.bf16))
     return [[Response(chat.decode(s.token_ids), s.token_ids, s.finished) for s in ss] for ss in out]
 
 

@@ -266,7 +266,7 @@ def generate_file(cfg) -> Path:
     sample's token log-probs), so the output is itself valid input for other commands."""
     from .config import require
     from .data import ChatFormat, load_demonstrations
-    from .models import load_policy, load_tokenizer, resolve_model, stop_token_ids
+    from .models import load_policy, load_tokenizer, resolve_model, stop_token_ids, use_bf16
     from .storage import write_jsonl
 
     require(cfg, "data", "output")
@@ -277,7 +277,7 @@ def generate_file(cfg) -> Path:
     chat = ChatFormat(tokenizer, stop_token_ids(model), cfg.chat_template)
     examples = chat.encode(demos, cfg.max_prompt_length, cfg.max_length, cfg.skip_invalid)
     results = sample(model, [e.prompt_ids for e in examples], cfg, chat.stop_token_ids,
-                     tokenizer.pad_token_id, seed=cfg.seed, bf16=cfg.bf16)
+                     tokenizer.pad_token_id, seed=cfg.seed, bf16=use_bf16(cfg.bf16))
     rows = []
     for e, samples in zip(examples, results):
         d = demos[e.index]

@@ -67,6 +67,16 @@ def convert_default_model() -> Path:
     return target
 
 
+def use_bf16(setting: str | bool) -> bool:
+    """``--bf16 auto|true|false`` as a decision, taken when a run starts (never when a config
+    is built): auto follows env SFTJUICE_BF16 if set, else :func:`bf16_is_fast`."""
+    if isinstance(setting, bool):
+        return setting
+    if setting == "auto":
+        setting = os.environ.get("SFTJUICE_BF16", "auto")
+    return bf16_is_fast() if setting == "auto" else setting == "true"
+
+
 def bf16_is_fast() -> bool:
     """Whether bf16 matrix math beats fp32 here: on some CPUs it runs at twice the fp32 rate,
     on others (no native bf16) at about 1 GFLOP/s. Measured once per machine, torch version

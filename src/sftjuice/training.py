@@ -35,7 +35,7 @@ from accelerate.utils import DistributedType, set_seed
 from .config import SamplingConfig, SftjuiceError, TrainConfig, config_dict, flag, require, save_config
 from .data import ChatFormat, Demonstration, Example, collate, collate_shared, load_demonstrations
 from .progress import bar as progress_bar
-from .models import load_policy, load_tokenizer, resolve_model, save_model, stop_token_ids
+from .models import load_policy, load_tokenizer, resolve_model, save_model, stop_token_ids, use_bf16
 from .storage import MetricsLog, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -169,6 +169,7 @@ class Run:
     examples: list[Example]
     output: Path
     metrics: MetricsLog
+    bf16: bool = False  # --bf16 as decided when the run started (auto: measured on this machine)
     learners: list[Learner] = field(default_factory=list)
     started: float = field(default_factory=time.time)
 
@@ -322,6 +323,8 @@ def check_output(output: Path, cfg: TrainConfig, manifest: dict) -> None:
     changes = [f"{flag(k)} {old['config'].get(k)!r} -> {v!r}" for k, v in manifest["config"].items()
                if old["config"].get(k) != v and not (k in GROWABLE and can_grow(old["config"], k, v))]
     changes += [f"the {what} changed" for what in ("data", "model") if old.get(what) != manifest[what]]
+    if old.get("precision", manifest["precision"]) != manifest["precision"]:  # --bf16 auto decides per machine
+        changes.append(f"the precision changed ({old['precision']} -> {manifest['precision']})")
     if changes:
         raise SftjuiceError(f"--resume: {output} was started with other settings: {'; '.join(changes)} "
                             "(use --overwrite or another --output)")
@@ -352,7 +355,8 @@ def start_run(cfg: TrainConfig, model=None, tokenizer=None, data=None) -> Run:
         # accelerate keeps one precision per process: a second run in the same Python process
         # (the API, a benchmark) with another --bf16 would be refused
         AcceleratorState._reset_state()
-    accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no", cpu=not torch.cuda.is_available(),
+    bf16 = use_bf16(cfg.bf16)
+    accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=not torch.cuda.is_available(),
                               log_with=None if cfg.report_to == "none" else cfg.report_to, project_dir=str(output))
     if accelerator.distributed_type == DistributedType.FSDP and isinstance(cfg, SamplingConfig):
         # each process samples its own prompts for its own number of decoding steps, while a
@@ -369,7 +373,7 @@ def start_run(cfg: TrainConfig, model=None, tokenizer=None, data=None) -> Run:
         model_fp = file_fingerprint(path)
     else:
         path, model_fp = Path(model.name_or_path), weights_fingerprint(model)
-    manifest = manifest_of(cfg, data_fp, model_fp)
+    manifest = {**manifest_of(cfg, data_fp, model_fp), "precision": "bf16" if bf16 else "fp32"}
     check_output(output, cfg, manifest)
     accelerator.wait_for_everyone()  # every process checked before the main one writes
     if accelerator.is_main_process:
@@ -386,7 +390,7 @@ def start_run(cfg: TrainConfig, model=None, tokenizer=None, data=None) -> Run:
              getattr(model, "name_or_path", cfg.model), " + LoRA" if cfg.lora else "", accelerator.num_processes,
              cfg.per_device_batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes)
     return Run(cfg, accelerator, model, tokenizer, chat, demos, examples, output,
-               MetricsLog(output / "metrics.jsonl", enabled=accelerator.is_main_process))
+               MetricsLog(output / "metrics.jsonl", enabled=accelerator.is_main_process), bf16=bf16)
 
 
 def steps_for(n_items: int, batch_size: int, epochs: float) -> tuple[int, int]:

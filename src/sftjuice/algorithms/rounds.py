@@ -201,7 +201,7 @@ def sample_round(run: Run, r: int, indices: list[int], seed: int, policy: str, n
         prompts = [e.prompt_ids for e in chosen]
         seeds = [derive_seed(seed, name, r, i) for i in idx]
         samples = sample(model, prompts, cfg, chat.stop_token_ids, run.tokenizer.pad_token_id, seed=seeds,
-                         num_samples=num_samples, bf16=cfg.bf16, progress=run.is_main)
+                         num_samples=num_samples, bf16=run.bf16, progress=run.is_main)
         if cfg.generation_backend != "torch":  # another engine's precision: re-score in the training one
             with run.accelerator.autocast():
                 rescored = token_logprobs_of(model, run.tokenizer.pad_token_id, prompts,

@@ -254,7 +254,7 @@ def find_pits(run: Run, cfg, verifier, model, r: int, examples: list[Example], s
     drawn = sample(model, [examples[p].prompt_ids + list(prefix) for p, prefix in keys], cfg, chat.stop_token_ids,
                    run.tokenizer.pad_token_id, seed=[derive_seed(cfg.seed, "rollouts", r, examples[p].index, prefix)
                                                     for p, prefix in keys],
-                   num_samples=cfg.rollouts, bf16=cfg.bf16, progress=run.is_main)
+                   num_samples=cfg.rollouts, bf16=run.bf16, progress=run.is_main)
     scored = []
     for (p, prefix), continuations in zip(keys, drawn):
         budget, prompt = cfg.max_new_tokens - len(prefix), user_prompt(run.demos[examples[p].index].prompt)
