@@ -48,7 +48,7 @@ def test_reward_is_the_difference_of_two_fresh_forward_passes_and_a_cut_sample_g
     samples = [[Sample(others[(i + k) % 3], [], True) for k in range(2)] for i in range(3)]
     samples[2][1] = Sample(others[0][:-1], [], False)
     run = SimpleNamespace(tokenizer=tokenizer, accelerator=SimpleNamespace(autocast=contextlib.nullcontext), policy=None)
-    annotated = srppo.reference_scores(run, sft_model, base, no_eos_penalty=-1.5)(examples, samples)
+    annotated = srppo.reference_scores(run, lambda: contextlib.nullcontext(sft_model), base, no_eos_penalty=-1.5)(examples, samples)
     rows_out = [{**a, "samples": [{"token_ids": s.token_ids, "finished": s.finished} for s in ss]}
                 for a, ss in zip(annotated, samples)]
     rewards = srppo.round_rewards(rows_out, no_eos_penalty=-1.5)

@@ -13,8 +13,8 @@ DPO and SLiC fit preference pairs drawn from ``pi_SFT``, but the policy they aim
      ``losses.preference_loss`` (``sigmoid`` = DPO, ``hinge`` = SLiC, ``hinge-norm``).
 
 The model-free steps 2 and 3 are pure functions (``accept``, ``pair_up``); the loop comes
-below them. All candidates come from ``pi_SFT``, the frozen starting model (a copy; with
-LoRA the policy with its adapter switched off), never from the policy being trained. Each
+below them. All candidates come from ``pi_SFT``, the frozen starting model
+(:func:`references.starting_policy`), never from the policy being trained. Each
 epoch of the prompts is still split into ``--rounds`` sections, each drawing its candidates
 and then training on its pairs, so a killed run redraws at most one section. Round t:
 
@@ -44,7 +44,6 @@ pairs, prompts_without_pairs, reward_candidates / reward_accepted (mean r), rewa
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import random
@@ -58,10 +57,9 @@ from ..config import RSOConfig, SftjuiceError
 from ..data import Example
 from ..generation import derive_seed
 from ..losses import preference_loss
-from ..models import is_peft
 from ..scoring import rewards_of, shared_logprobs, token_logprobs_of
 from ..training import Learner, Run, start_run, weights_fingerprint
-from . import rounds
+from . import references, rounds
 from .rounds import Completion
 
 
@@ -323,15 +321,15 @@ def train(cfg: RSOConfig, model=None, tokenizer=None, data=None) -> Path:
     # pi_SFT, before any step or resume: it draws every round's candidates (so every round
     # file names it) and is the loss's reference
     pi_sft = weights_fingerprint(run.policy)
-    sft = None if is_peft(run.policy) else run.frozen_copy()
+    starting = references.starting_policy(run)
     reward_model, base = reward_of(run, cfg)
     state = run.resume()
     micro_loss = pair_micro_loss(policy, cfg)
     bar = run.progress(sum(round_steps), state["step"])
     for rnd, start, end, _ in rounds.each_round(run, plan, round_steps, state):
         r, t0 = rnd.index, time.time()
-        with run.policy.disable_adapter() if sft is None else contextlib.nullcontext():
-            rows = rounds.sample_round(run, r, rnd.section, cfg.seed, pi_sft, model=run.policy if sft is None else sft,
+        with starting() as sft:
+            rows = rounds.sample_round(run, r, rnd.section, cfg.seed, pi_sft, model=sft,
                                        annotate=candidate_pairs(run, cfg, r, reward_model, base))
         t1 = time.time()
         sums = train_pairs(run, policy, pairs_of(rows, run.examples), r, micro_loss, state=state, step=start,

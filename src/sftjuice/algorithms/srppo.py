@@ -35,8 +35,9 @@ Chat-template tokens the base model never learned to predict (``<|im_end|>``) ca
 large share of the log-ratio; they are kept in r, and each round reports their share of
 the |log-ratio| mass (``reward_template_share``) beside their share of the tokens.
 
-Memory: the policy, pi_SFT (a frozen copy; with LoRA the policy with its adapter switched
-off, no copy) and pi_base, about three times the weights. ``--base-model`` defaults to the
+Memory: the policy, pi_SFT and pi_base, about three times the weights; with LoRA pi_SFT is
+the policy's own weights under its reference adapter or none (:func:`references.starting_policy`),
+so twice the weights. ``--base-model`` defaults to the
 starting model of the sftjuice SFT run whose ``OUTPUT/final`` is ``--model``.
 
 Samples, their per-token log-probs under pi_SFT and pi_base, and r of each demonstration
@@ -55,7 +56,6 @@ apart); timings (``generation_seconds`` includes both reference passes).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -65,10 +65,10 @@ from pathlib import Path
 
 from ..config import SftjuiceError, SRPPOConfig
 from ..data import Demonstration, Example, load_demonstrations
-from ..models import is_peft, load_policy, load_tokenizer, resolve_model
+from ..models import load_policy, load_tokenizer, resolve_model
 from ..scoring import token_logprobs_of
 from ..training import MANIFEST, Run, file_fingerprint, start_run
-from . import rounds
+from . import references, rounds
 from .ppo import assign_advantages, policy_micro_loss
 from .rounds import Group, groups_of, samples_in
 
@@ -143,18 +143,16 @@ def _token_logprobs(model, pad_id: int, examples: list[Example], samples) -> lis
     return out
 
 
-def reference_scores(run: Run, sft, base, no_eos_penalty: float):
+def reference_scores(run: Run, pi_sft, base, no_eos_penalty: float):
     """``annotate`` for :func:`rounds.sample_round`: per-token log pi_SFT (``ref_token_logprobs``,
     also pi_ref of the KL) and log pi_base (``base_token_logprobs``) of each sample, and r of
-    the demonstration. pi_SFT is ``sft``, or with LoRA (``sft`` None) the policy with its
-    adapter switched off."""
+    the demonstration (``pi_sft`` from :func:`references.starting_policy`)."""
     pad = run.tokenizer.pad_token_id
 
     def annotate(examples: list[Example], samples) -> list[dict]:
-        adapter_off = run.policy.disable_adapter() if sft is None else contextlib.nullcontext()
         with run.accelerator.autocast():  # the precision the policy samples and trains in
-            with adapter_off:
-                by_sft = _token_logprobs(run.policy if sft is None else sft, pad, examples, samples)
+            with pi_sft() as sft:
+                by_sft = _token_logprobs(sft, pad, examples, samples)
             by_base = _token_logprobs(base, pad, examples, samples)
         return [{"ref_token_logprobs": s_samples, "base_token_logprobs": b_samples,
                  "demonstration_reward": None if s_demo is None else sequence_reward(s_demo, b_demo, True, no_eos_penalty)}
@@ -238,10 +236,10 @@ def train(cfg: SRPPOConfig, model=None, tokenizer=None, data=None) -> Path:
     plan = rounds.plan(len(examples), cfg.rounds, cfg.epochs, cfg.seed)
     per_pass = [rounds.steps_per_pass(run, len(rnd.section)) for rnd in plan]
     policy = run.learner(run.policy_model, cfg.learning_rate, sum(per_pass) * cfg.policy_steps)
-    sft = None if is_peft(run.policy) else run.frozen_copy()  # pi_SFT = pi_ref, the starting policy
+    pi_sft = references.starting_policy(run)  # pi_SFT = pi_ref
     base = load_base(run, cfg.base_model)
     state = run.resume()
-    annotate = reference_scores(run, sft, base, cfg.no_eos_penalty)
+    annotate = reference_scores(run, pi_sft, base, cfg.no_eos_penalty)
     policy_loss = policy_micro_loss(policy, cfg.clip_range)
     template_ids = set(run.tokenizer.all_special_ids) | set(run.chat.stop_token_ids)
     round_steps = [steps * cfg.policy_steps for steps in per_pass]
