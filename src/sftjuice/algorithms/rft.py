@@ -46,9 +46,9 @@ from pathlib import Path
 import torch
 
 
-from ..config import RFTConfig, SftjuiceError
+from ..config import RFTConfig
 from ..losses import reward_pair_loss
-from ..models import load_reward_model, load_tokenizer, resolve_model, reward_pad_id, save_reward_model
+from ..models import reward_pad_id, save_reward_model
 from ..scoring import rewards_of, shared_rewards
 from ..training import Learner, Run, start_run
 from . import references, rounds
@@ -59,20 +59,6 @@ log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------ the two scorers
-
-
-def load_reward(run: Run, cfg: RFTConfig):
-    """r_phi: a scalar head on ``--reward-model`` (default: the policy's starting model)."""
-    if cfg.reward_model is None and not isinstance(cfg.model, str):
-        raise SftjuiceError("--reward-model is needed when the policy is given as a loaded model")
-    name = cfg.reward_model or cfg.model
-    path = resolve_model(name) if run.is_main else None
-    run.accelerator.wait_for_everyone()
-    path = path or resolve_model(name)
-    if cfg.reward_model and (path / "tokenizer_config.json").exists():
-        if load_tokenizer(path).get_vocab() != run.tokenizer.get_vocab():
-            raise SftjuiceError(f"{path}: the reward model's tokenizer differs from the policy's; it must read the same tokens")
-    return load_reward_model(path, pad_token_id=reward_pad_id(run.tokenizer, run.chat.stop_token_ids))
 
 
 def score_round(run: Run, reward: Learner, groups: list[Group]) -> tuple[list[float], list[float]]:
@@ -133,7 +119,7 @@ def train(cfg: RFTConfig, model=None, tokenizer=None, data=None) -> Path:
     reward_steps = [rounds.steps_per_pass(run, len(rnd.section)) for rnd in plan]  # one reward pass a round
     policy = run.learner(run.policy_model, cfg.learning_rate, sum(s * cfg.policy_steps for s in reward_steps))
     # prepared after the policy: its state files are model_1, optimizer_1
-    reward = run.learner(load_reward(run, cfg), cfg.reward_learning_rate, sum(reward_steps),
+    reward = run.learner(references.load_reward(run, cfg), cfg.reward_learning_rate, sum(reward_steps),
                          pad_id=reward_pad_id(run.tokenizer, run.chat.stop_token_ids))
     pi_ref = references.starting_policy(run)
     state = run.resume()  # "step" counts reward and policy updates

@@ -266,12 +266,9 @@ def train_stats(sums: dict) -> dict:
 
 def reward_of(run: Run, cfg: RSOConfig):
     """(reward model, pi_base): the one ``--reward`` uses, frozen on the run's device."""
-    from .rft import load_reward
-    from .srppo import load_base
-
     if cfg.reward == "implicit":
-        return None, load_base(run, cfg.base_model)
-    return load_reward(run, cfg).to(run.accelerator.device).eval().requires_grad_(False), None
+        return None, references.load_base(run, cfg.base_model)
+    return references.load_reward(run, cfg).to(run.accelerator.device).eval().requires_grad_(False), None
 
 
 def train_pairs(run: Run, policy: Learner, items: list[Pairs], r: int, micro_loss, *, state: dict, step: int,
@@ -305,15 +302,13 @@ def train_pairs(run: Run, policy: Learner, items: list[Pairs], r: int, micro_los
 
 
 def train(cfg: RSOConfig, model=None, tokenizer=None, data=None) -> Path:
-    from .srppo import base_model_of
-
     if cfg.reward == "model" and not cfg.reward_model:
         raise SftjuiceError("--method rso needs --reward-model DIR (a sequence-classification reward with the policy's "
                             "tokenizer, e.g. an RFT run's OUTPUT/reward_model), or --reward implicit")
     if cfg.reward == "implicit":
         if model is not None and not cfg.base_model:
             raise SftjuiceError("--base-model is needed when the policy is given as a loaded model")
-        cfg = dataclasses.replace(cfg, base_model=base_model_of(cfg))  # the manifest names the base it used
+        cfg = dataclasses.replace(cfg, base_model=references.base_model_of(cfg))  # the manifest names the base it used
     run = start_run(cfg, model, tokenizer, data)
     plan = rounds.plan(len(run.examples), cfg.rounds, cfg.epochs, cfg.seed)
     round_steps = [rounds.steps_per_pass(run, len(rnd.section)) * cfg.passes for rnd in plan]

@@ -37,8 +37,8 @@ the |log-ratio| mass (``reward_template_share``) beside their share of the token
 
 Memory: the policy, pi_SFT and pi_base, about three times the weights; with LoRA pi_SFT is
 the policy's own weights under its reference adapter or none (:func:`references.starting_policy`),
-so twice the weights. ``--base-model`` defaults to the
-starting model of the sftjuice SFT run whose ``OUTPUT/final`` is ``--model``.
+so twice the weights. ``--base-model`` defaults to the starting model of the sftjuice SFT
+run whose ``OUTPUT/final`` is ``--model`` (:func:`references.base_model_of`).
 
 Samples, their per-token log-probs under pi_SFT and pi_base, and r of each demonstration
 land in ``OUTPUT/rounds/<t>/generations.jsonl`` before the round trains; a checkpoint
@@ -57,7 +57,6 @@ apart); timings (``generation_seconds`` includes both reference passes).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import time
@@ -65,59 +64,13 @@ from pathlib import Path
 
 from ..config import SftjuiceError, SRPPOConfig
 from ..data import Demonstration, Example, load_demonstrations
-from ..models import load_policy, load_tokenizer, resolve_model
 from ..scoring import token_logprobs_of
-from ..training import MANIFEST, Run, file_fingerprint, start_run
+from ..training import Run, start_run
 from . import references, rounds
 from .ppo import assign_advantages, policy_micro_loss
 from .rounds import Group, groups_of, samples_in
 
 log = logging.getLogger(__name__)
-
-
-# ------------------------------------------------------------------------- pi_base
-
-
-def base_model_of(cfg: SRPPOConfig) -> str:
-    """``--base-model``, or the starting model of the sftjuice SFT run whose ``OUTPUT/final``
-    (or ``OUTPUT/merged``) is ``--model``, checked against that run's fingerprint of it."""
-    if cfg.base_model:
-        return cfg.base_model
-    model = Path(cfg.model).expanduser()
-    manifest = model.parent / MANIFEST
-    why = "is not the final/ of an sftjuice SFT run (OUTPUT/final beside OUTPUT/manifest.json)"
-    if model.is_dir() and manifest.is_file():
-        try:
-            run = json.loads(manifest.read_text())
-            method, base = run["method"], run["config"]["model"]
-        except (OSError, ValueError, KeyError, TypeError):
-            method, base = None, None
-        if method != "sft":
-            why = f"comes from a --method {method} run, whose starting model is not the pretrained base"
-        else:
-            try:
-                same = file_fingerprint(resolve_model(base)) == run.get("model")
-            except SftjuiceError:
-                same = False
-            if same:
-                return base
-            why = (f"comes from an SFT run whose starting model {base} is not found here or is not the model "
-                   "it trained (changed, or passed as a loaded model)")
-    raise SftjuiceError(f"--base-model is needed: --model {cfg.model} {why}; give the pretrained model it was fine-tuned from")
-
-
-def load_base(run: Run, name: str):
-    """pi_base, frozen, on the run's device; it must read the policy's tokens."""
-    path = resolve_model(name) if run.is_main else None
-    run.accelerator.wait_for_everyone()
-    path = path or resolve_model(name)
-    if (path / "tokenizer_config.json").exists() and load_tokenizer(path).get_vocab() != run.tokenizer.get_vocab():
-        raise SftjuiceError(f"--base-model {path}: its tokenizer differs from --model's; the reward compares both models on the same tokens")
-    base = load_policy(run.cfg, path, trainable=False)
-    if base.config.vocab_size != run.policy_model.config.vocab_size:
-        raise SftjuiceError(f"--base-model {path}: vocabulary of {base.config.vocab_size} tokens, --model has "
-                            f"{run.policy_model.config.vocab_size}; the reward compares both models on the same tokens")
-    return base.to(run.accelerator.device).eval().requires_grad_(False)
 
 
 # ------------------------------------------------------------------------ the reward
@@ -229,7 +182,7 @@ def with_prompts(run: Run, cfg: SRPPOConfig) -> tuple[list[Example], list[Demons
 def train(cfg: SRPPOConfig, model=None, tokenizer=None, data=None) -> Path:
     if model is not None and not cfg.base_model:
         raise SftjuiceError("--base-model is needed when the policy is given as a loaded model")
-    cfg = dataclasses.replace(cfg, base_model=base_model_of(cfg))  # the manifest names the base it used
+    cfg = dataclasses.replace(cfg, base_model=references.base_model_of(cfg))  # the manifest names the base it used
     run = start_run(cfg, model, tokenizer, data)
     examples, demos = with_prompts(run, cfg)
     n = cfg.num_samples
@@ -237,7 +190,7 @@ def train(cfg: SRPPOConfig, model=None, tokenizer=None, data=None) -> Path:
     per_pass = [rounds.steps_per_pass(run, len(rnd.section)) for rnd in plan]
     policy = run.learner(run.policy_model, cfg.learning_rate, sum(per_pass) * cfg.policy_steps)
     pi_sft = references.starting_policy(run)  # pi_SFT = pi_ref
-    base = load_base(run, cfg.base_model)
+    base = references.load_base(run, cfg.base_model)
     state = run.resume()
     annotate = reference_scores(run, pi_sft, base, cfg.no_eos_penalty)
     policy_loss = policy_micro_loss(policy, cfg.clip_range)
