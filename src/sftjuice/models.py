@@ -132,6 +132,7 @@ LOAD_ERRORS = (OSError, ValueError, KeyError, json.JSONDecodeError, SafetensorEr
 def load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
+    path = Path(path)
     if not (path / "tokenizer_config.json").exists() and (path / "adapter_config.json").exists():
         path = adapter_base(path)  # an adapter saved without a tokenizer reads its base model's tokens
     try:
@@ -173,6 +174,7 @@ def load_pretrained(auto_class, path: Path, what: str, keep_adapter: bool = Fals
     as the trainable adapter beside a frozen copy of itself (:data:`REFERENCE_ADAPTER`)."""
     from peft import PeftConfig, PeftModel
 
+    path = Path(path)
     base = adapter_base(path)
     try:
         model = auto_class.from_pretrained(base or path, dtype=torch.float32, **kwargs)
@@ -205,7 +207,7 @@ def load_policy(cfg: ModelConfig, source=None, trainable: bool = True):
     if isinstance(source, torch.nn.Module):
         model = source.float()
     else:
-        path = source or resolve_model(cfg.model)
+        path = Path(source) if source else resolve_model(cfg.model)
         keep = trainable and cfg.lora
         model = load_pretrained(AutoModelForCausalLM, path, "a causal LM", keep_adapter=keep)
         if trainable and is_peft(model):
