@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from sftjuice.algorithms import rft, sft
+from sftjuice.algorithms import references, rft, sft
 from sftjuice.algorithms.ppo import rollout_advantages
 from sftjuice.algorithms.rounds import Completion
 from sftjuice.config import ModelConfig, RFTConfig, SamplingConfig, SFTConfig, SftjuiceError, TrainConfig, parse_args
@@ -119,7 +119,7 @@ def test_ties_are_ties_and_identical_pairs_carry_no_loss(tiny_model_dir, tmp_pat
     data = write_jsonl(tmp_path / "demos.jsonl", sort_rows(4))
     cfg = RFTConfig(model=str(tiny_model_dir), data=str(data), output=str(tmp_path / "o"))
     run = start_run(cfg)
-    reward = run.learner(rft.load_reward(run, cfg), 1e-3, 1, pad_id=reward_pad_id(run.tokenizer, run.chat.stop_token_ids))
+    reward = run.learner(references.load_reward(run, cfg), 1e-3, 1, pad_id=reward_pad_id(run.tokenizer, run.chat.stop_token_ids))
     loss = rft.reward_micro_loss(reward, cfg)
     e = run.examples[0]
     other = Completion([216, 34, 2], [-1.0] * 3)

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from sftjuice.algorithms import sft, srppo
+from sftjuice.algorithms import references, sft, srppo
 from sftjuice.cli import main
 from sftjuice.config import ModelConfig, SFTConfig, SRPPOConfig, SftjuiceError, TrainConfig, parse_args
 from sftjuice.data import ChatFormat, Example
@@ -48,7 +48,7 @@ def test_reward_is_the_difference_of_two_fresh_forward_passes_and_a_cut_sample_g
     samples = [[Sample(others[(i + k) % 3], [], True) for k in range(2)] for i in range(3)]
     samples[2][1] = Sample(others[0][:-1], [], False)
     run = SimpleNamespace(tokenizer=tokenizer, accelerator=SimpleNamespace(autocast=contextlib.nullcontext), policy=None)
-    annotated = srppo.reference_scores(run, sft_model, base, no_eos_penalty=-1.5)(examples, samples)
+    annotated = srppo.reference_scores(run, lambda: contextlib.nullcontext(sft_model), base, no_eos_penalty=-1.5)(examples, samples)
     rows_out = [{**a, "samples": [{"token_ids": s.token_ids, "finished": s.finished} for s in ss]}
                 for a, ss in zip(annotated, samples)]
     rewards = srppo.round_rewards(rows_out, no_eos_penalty=-1.5)
@@ -92,10 +92,10 @@ def sft_run(tiny_model_dir, tmp_path_factory):
 
 
 def test_base_model_is_found_from_the_sft_run_or_asked_for_in_one_line(sft_run, tiny_model_dir, tmp_path, capsys):
-    assert srppo.base_model_of(SRPPOConfig(model=str(sft_run))) == str(tiny_model_dir)
-    assert srppo.base_model_of(SRPPOConfig(model=str(sft_run), base_model="other")) == "other"
+    assert references.base_model_of(SRPPOConfig(model=str(sft_run))) == str(tiny_model_dir)
+    assert references.base_model_of(SRPPOConfig(model=str(sft_run), base_model="other")) == "other"
     with pytest.raises(SftjuiceError, match="--base-model is needed: --model .* is not the final/ of an sftjuice SFT run"):
-        srppo.base_model_of(SRPPOConfig(model=str(tiny_model_dir)))
+        references.base_model_of(SRPPOConfig(model=str(tiny_model_dir)))
     data = write_jsonl(tmp_path / "d.jsonl", sort_rows(4))
     assert main(["train", "--method", "srppo", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -117,7 +117,7 @@ def resolve_model(name: str) -> Path:
     if path.is_dir():
         if not ((path / "config.json").exists() or (path / "adapter_config.json").exists()):
             raise SftjuiceError(f"{path}: not a Hugging Face model directory (no config.json)")
-        return path
+        return path.absolute()  # what a LoRA adapter trained on it records as its base: found from any directory
     if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise SftjuiceError(f"{name}: model directory not found")
     from huggingface_hub import snapshot_download
@@ -142,25 +142,90 @@ LOAD_ERRORS = (OSError, ValueError, KeyError, json.JSONDecodeError, SafetensorEr
 def load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
+    path = Path(path)
+    if not (path / "tokenizer_config.json").exists() and (path / "adapter_config.json").exists():
+        path = adapter_base(path)  # an adapter saved without a tokenizer reads its base model's tokens
     try:
         return AutoTokenizer.from_pretrained(path)
     except LOAD_ERRORS as e:
         raise _load_error(path, "a tokenizer", e) from None
 
 
+# The frozen copy of the SFT adapter that a --lora run from an adapter directory keeps
+# beside the one it trains: the reference pi_SFT (TRL's ref_adapter_name).
+REFERENCE_ADAPTER = "reference"
+
+
+def adapter_base(path: Path) -> Path | None:
+    """The local directory of the base model of the PEFT adapter directory ``path`` (None if
+    ``path`` holds a full model). One line if the base is not here or reads other tokens."""
+    from peft import PeftConfig
+
+    if not (path / "adapter_config.json").exists():
+        return None
+    try:
+        name = PeftConfig.from_pretrained(path).base_model_name_or_path
+    except LOAD_ERRORS as e:
+        raise _load_error(path, "a PEFT adapter", e) from None
+    try:
+        base = resolve_model(name)
+    except SftjuiceError as e:
+        raise SftjuiceError(f"{path}: a LoRA adapter whose base model is not found here: {e}") from None
+    if (path / "tokenizer_config.json").exists() and (base / "tokenizer_config.json").exists():
+        if load_tokenizer(path).get_vocab() != load_tokenizer(base).get_vocab():
+            raise SftjuiceError(f"{path}: a LoRA adapter whose tokenizer differs from that of its base model {base}; "
+                                "the adapter was trained on other tokens")
+    return base
+
+
+def load_pretrained(auto_class, path: Path, what: str, keep_adapter: bool = False, **kwargs):
+    """``auto_class.from_pretrained(path)`` in fp32, a load error in one line. A PEFT adapter
+    directory loads onto its base model: merged into its weights, or with ``keep_adapter`` kept
+    as the trainable adapter beside a frozen copy of itself (:data:`REFERENCE_ADAPTER`)."""
+    from peft import PeftConfig, PeftModel
+
+    path = Path(path)
+    base = adapter_base(path)
+    try:
+        model = auto_class.from_pretrained(base or path, dtype=torch.float32, **kwargs)
+    except LOAD_ERRORS as e:
+        raise _load_error(base or path, what, e) from None
+    if base is None:
+        return model
+    try:
+        if keep_adapter:
+            model = PeftModel.from_pretrained(model, path, is_trainable=True)
+            model.load_adapter(path, adapter_name=REFERENCE_ADAPTER)  # frozen; the trainable one stays active
+            return model
+        # no task type: merging needs no head-specific wrapper (the causal-LM one would not
+        # wrap a reward model's sequence-classification head)
+        config = PeftConfig.from_pretrained(path)
+        config.task_type = None
+        merged = PeftModel.from_pretrained(model, path, config=config).merge_and_unload()
+        return merged.requires_grad_(True)  # PeftModel froze the base; a loaded model trains every weight
+    except (*LOAD_ERRORS, RuntimeError) as e:  # RuntimeError: adapter weights whose shapes do not fit the base
+        raise _load_error(path, f"a LoRA adapter of {base}", e) from None
+
+
 def load_policy(cfg: ModelConfig, source=None, trainable: bool = True):
     """The policy in fp32 (master weights; bf16 is applied by autocast), with LoRA if asked.
-    ``source``: a model directory (default ``cfg.model``) or an already loaded causal LM."""
+    ``source``: a model directory (default ``cfg.model``) or an already loaded causal LM.
+    A LoRA adapter directory is merged into its base model, or, to train with LoRA, its
+    adapter trains on (with a frozen copy of it as the reference, :data:`REFERENCE_ADAPTER`)."""
     from transformers import AutoModelForCausalLM
 
     if isinstance(source, torch.nn.Module):
         model = source.float()
     else:
-        path = source or resolve_model(cfg.model)
-        try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        except LOAD_ERRORS as e:
-            raise _load_error(path, "a causal LM", e) from None
+        path = Path(source) if source else resolve_model(cfg.model)
+        keep = trainable and cfg.lora
+        model = load_pretrained(AutoModelForCausalLM, path, "a causal LM", keep_adapter=keep)
+        if trainable and is_peft(model):
+            log.info("%s is a LoRA adapter (r=%d; --lora-* options do not apply): it trains on, and a frozen copy "
+                     "of it is the reference", path, model.peft_config[REFERENCE_ADAPTER].r)
+        elif trainable and (path / "adapter_config.json").exists():
+            log.info("%s is a LoRA adapter: merged into its base model, whose full weights train (--lora would "
+                     "train the adapter on)", path)
     model.generation_config.pad_token_id = model.generation_config.pad_token_id or model.config.eos_token_id
     if trainable and cfg.lora and not is_peft(model):
         from peft import LoraConfig, get_peft_model
@@ -204,10 +269,13 @@ def save_model(model, tokenizer, out: Path, merge_lora: bool = False) -> None:
     """Write an HF directory ``out`` atomically: full weights, or with LoRA the adapter
     (and on ``merge_lora`` the merged model beside it in ``out.parent / 'merged'``)."""
     with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        if not is_peft(model):
+        if is_peft(model):  # the trained adapter, not the reference beside it
+            model.save_pretrained(tmp, safe_serialization=True,
+                                  selected_adapters=[a for a in model.peft_config if a != REFERENCE_ADAPTER])
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)
             model.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     if merge_lora and is_peft(model):
         merged = model.merge_and_unload()
         with atomic_dir(out.parent / "merged") as tmp:
@@ -217,15 +285,14 @@ def save_model(model, tokenizer, out: Path, merge_lora: bool = False) -> None:
 
 def load_reward_model(path: Path, pad_token_id: int | None = None):
     """A scalar reward model: ``AutoModelForSequenceClassification`` with one label, in fp32.
-    From a causal LM directory the backbone loads and the score head starts at HF's random
-    init; from a saved reward model everything loads. The head reads the last token that is
-    not ``pad_token_id`` (HF's rule), so the config must name the padding token."""
+    From a causal LM directory (or a LoRA adapter, merged into its base) the backbone loads
+    and the score head starts at HF's random init; from a saved reward model everything
+    loads. The head reads the last token that is not ``pad_token_id`` (HF's rule), so the
+    config must name the padding token."""
     from transformers import AutoModelForSequenceClassification
 
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
-    except LOAD_ERRORS as e:
-        raise _load_error(path, "a reward model (sequence classification)", e) from None
+    model = load_pretrained(AutoModelForSequenceClassification, path, "a reward model (sequence classification)",
+                            num_labels=1)
     if pad_token_id is not None:
         model.config.pad_token_id = pad_token_id
     if model.config.pad_token_id is None:

@@ -15,7 +15,6 @@ batch compute the same update.
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import json
 import logging
@@ -200,12 +199,6 @@ class Run:
     def policy(self):
         """The bare policy (no DDP wrapper), for sampling and saving."""
         return self.learners[0].unwrapped if self.learners else self.policy_model
-
-    def frozen_copy(self, model=None):
-        """A frozen, never-prepared copy of ``model`` (default: the starting policy), for
-        reference passes. Made before any step, so it is the starting model."""
-        ref = copy.deepcopy(model or self.policy_model)
-        return ref.eval().requires_grad_(False)
 
     def map_sharded(self, items: list, fn: Callable[[list], list]) -> list:
         """``fn`` over this process's share of ``items``; every process gets all results, in order."""

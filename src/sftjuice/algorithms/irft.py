@@ -29,8 +29,8 @@ from ..losses import irl_pair_loss
 from ..scoring import sequence_logprobs_of, shared_logprobs, singletons, token_logprobs_of
 from ..storage import read_jsonl
 from ..training import Learner, Run, start_run
-from . import rounds
-from .rounds import Group, groups_of, distinct_pairs_in, samples_in
+from . import references, rounds
+from .rounds import Group, distinct_pairs_in, groups_of, samples_in
 
 
 def pair_micro_loss(learner: Learner, cfg: PairConfig):
@@ -57,11 +57,11 @@ def pair_micro_loss(learner: Learner, cfg: PairConfig):
     return micro_loss
 
 
-def policy_token_logprobs(run: Run, groups: list[Group]) -> list[list[list[float]]]:
-    """Per-token ``log pi`` of each group's completions (demonstration first) under the
-    current policy, each prompt computed once, the groups split over processes."""
+def policy_token_logprobs(run: Run, groups: list[Group], model=None) -> list[list[list[float]]]:
+    """Per-token ``log pi`` of each group's completions (demonstration first) under ``model``
+    (default: the current policy), each prompt computed once, the groups split over processes."""
     return run.map_sharded(groups, lambda gs: token_logprobs_of(
-        run.policy, run.tokenizer.pad_token_id, [g.example.prompt_ids for g in gs], [g.completions for g in gs]))
+        model or run.policy, run.tokenizer.pad_token_id, [g.example.prompt_ids for g in gs], [g.completions for g in gs]))
 
 
 def policy_logprobs(run: Run, groups: list[Group]) -> list[list[float]]:
@@ -81,8 +81,8 @@ def heldout_margins(run: Run, groups: list[Group]) -> dict[str, float]:
 def demonstration_logprobs(run: Run):
     """``annotate`` for :func:`rounds.sample_round`: log pi_t(y^E|x), one forward pass."""
     def annotate(examples: list[Example], samples) -> list[dict]:
-        logps = sequence_logprobs_of(run.policy, run.tokenizer.pad_token_id, [e.prompt_ids for e in examples],
-                                     singletons([e.completion_ids for e in examples]))
+        logps = sequence_logprobs_of(references.round_start(run), run.tokenizer.pad_token_id,
+                                     [e.prompt_ids for e in examples], singletons([e.completion_ids for e in examples]))
         return [{"demonstration_logprob": lp[0]} for lp in logps]
 
     return annotate
@@ -93,7 +93,8 @@ def rescored_previous(run: Run, r: int):
     under the current pi_t (``--keep-previous-round``)."""
     def make() -> list[dict]:
         rows = read_jsonl(run.output / "rounds" / str(r - 1) / "generations.jsonl")
-        for row, logps in zip(rows, policy_token_logprobs(run, groups_of(rows, run.examples))):
+        pi_t = references.round_start(run)
+        for row, logps in zip(rows, policy_token_logprobs(run, groups_of(rows, run.examples), pi_t)):
             row["demonstration_logprob"] = sum(logps[0])
             for s, lp in zip(row["samples"], logps[1:]):
                 s["token_logprobs"] = lp

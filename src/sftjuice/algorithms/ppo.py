@@ -2,13 +2,10 @@
 log-probs recorded at sampling time, RLOO advantages of a sequence reward minus ``beta``
 times the summed per-token KL to pi_ref, and PPO-clip on whole samples.
 
-pi_ref is the starting model: with LoRA the policy with its adapter switched off (``ref``
-None), otherwise a frozen copy (:meth:`training.Run.frozen_copy`).
+pi_ref is the starting model pi_SFT (:func:`references.starting_policy`).
 """
 
 from __future__ import annotations
-
-import contextlib
 
 import torch
 
@@ -19,14 +16,13 @@ from ..training import Learner, Run
 from .rounds import Completion, Group
 
 
-def reference_logprobs(run: Run, ref):
-    """``annotate`` for :func:`rounds.sample_round`: per-token log pi_ref of each sample. pi_ref
-    is ``ref``, or with LoRA (``ref`` None) the policy with its adapter switched off."""
+def reference_logprobs(run: Run, pi_ref):
+    """``annotate`` for :func:`rounds.sample_round`: per-token log pi_ref of each sample
+    (``pi_ref`` from :func:`references.starting_policy`)."""
     def annotate(examples: list[Example], samples) -> list[dict]:
-        adapter_off = run.policy.disable_adapter() if ref is None else contextlib.nullcontext()
-        with adapter_off, run.accelerator.autocast():  # the precision the policy samples and trains in
-            refs = token_logprobs_of(run.policy if ref is None else ref, run.tokenizer.pad_token_id,
-                                     [e.prompt_ids for e in examples], [[s.token_ids for s in ss] for ss in samples])
+        with pi_ref() as ref, run.accelerator.autocast():  # the precision the policy samples and trains in
+            refs = token_logprobs_of(ref, run.tokenizer.pad_token_id, [e.prompt_ids for e in examples],
+                                     [[s.token_ids for s in ss] for ss in samples])
         return [{"ref_token_logprobs": rr} for rr in refs]
 
     return annotate

@@ -25,11 +25,10 @@ atomically. RLOO's leave-one-out baseline needs no value model, so two networks 
 (policy, reward) instead of three, which matters on a CPU; its conventions (k1 KL summed
 into the reward, a sequence-level clipped ratio) are TRL's RLOOTrainer's.
 
-pi_ref is the starting model: with LoRA the policy with its adapter switched off,
-otherwise a frozen copy. Samples land in ``OUTPUT/rounds/<t>/generations.jsonl`` before
-the round trains; a checkpoint (both models, both optimisers) closes every round, and
-``--save-every`` adds some inside the policy passes. The reward model ends in
-``OUTPUT/reward_model/``, an HF sequence-classification directory.
+pi_ref is the starting model (:func:`references.starting_policy`). Samples land in
+``OUTPUT/rounds/<t>/generations.jsonl`` before the round trains; a checkpoint (both models,
+both optimisers) closes every round, and ``--save-every`` adds some inside the policy passes.
+The reward model ends in ``OUTPUT/reward_model/``, an HF sequence-classification directory.
 
 metrics.jsonl: every step has ``phase`` "reward" (loss, wins and ties among the pairs whose sample differs from its demonstration, margin) or "policy"
 (loss, clip_fraction, log_ratio, advantage_mean/std); per round, an ``event`` "reward"
@@ -47,12 +46,12 @@ from pathlib import Path
 import torch
 
 
-from ..config import RFTConfig, SftjuiceError
+from ..config import RFTConfig
 from ..losses import reward_pair_loss
-from ..models import is_peft, load_reward_model, load_tokenizer, resolve_model, reward_pad_id, save_reward_model
+from ..models import reward_pad_id, save_reward_model
 from ..scoring import rewards_of, shared_rewards
 from ..training import Learner, Run, start_run
-from . import rounds
+from . import references, rounds
 from .ppo import assign_advantages, policy_micro_loss, reference_logprobs
 from .rounds import Group, groups_of, samples_in
 
@@ -60,20 +59,6 @@ log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------ the two scorers
-
-
-def load_reward(run: Run, cfg: RFTConfig):
-    """r_phi: a scalar head on ``--reward-model`` (default: the policy's starting model)."""
-    if cfg.reward_model is None and not isinstance(cfg.model, str):
-        raise SftjuiceError("--reward-model is needed when the policy is given as a loaded model")
-    name = cfg.reward_model or cfg.model
-    path = resolve_model(name) if run.is_main else None
-    run.accelerator.wait_for_everyone()
-    path = path or resolve_model(name)
-    if cfg.reward_model and (path / "tokenizer_config.json").exists():
-        if load_tokenizer(path).get_vocab() != run.tokenizer.get_vocab():
-            raise SftjuiceError(f"{path}: the reward model's tokenizer differs from the policy's; it must read the same tokens")
-    return load_reward_model(path, pad_token_id=reward_pad_id(run.tokenizer, run.chat.stop_token_ids))
 
 
 def score_round(run: Run, reward: Learner, groups: list[Group]) -> tuple[list[float], list[float]]:
@@ -134,16 +119,16 @@ def train(cfg: RFTConfig, model=None, tokenizer=None, data=None) -> Path:
     reward_steps = [rounds.steps_per_pass(run, len(rnd.section)) for rnd in plan]  # one reward pass a round
     policy = run.learner(run.policy_model, cfg.learning_rate, sum(s * cfg.policy_steps for s in reward_steps))
     # prepared after the policy: its state files are model_1, optimizer_1
-    reward = run.learner(load_reward(run, cfg), cfg.reward_learning_rate, sum(reward_steps),
+    reward = run.learner(references.load_reward(run, cfg), cfg.reward_learning_rate, sum(reward_steps),
                          pad_id=reward_pad_id(run.tokenizer, run.chat.stop_token_ids))
-    ref = None if is_peft(run.policy) else run.frozen_copy()
+    pi_ref = references.starting_policy(run)
     state = run.resume()  # "step" counts reward and policy updates
     reward_loss, policy_loss = reward_micro_loss(reward, cfg), policy_micro_loss(policy, cfg.clip_range)
     round_steps = [s * (1 + cfg.policy_steps) for s in reward_steps]
     bar = run.progress(sum(round_steps), state["step"])
     for rnd, start, end, pi_t in rounds.each_round(run, plan, round_steps, state):
         r, n_reward, t0 = rnd.index, reward_steps[rnd.index], time.time()
-        rows = rounds.sample_round(run, r, rnd.section, cfg.seed, pi_t, annotate=reference_logprobs(run, ref))
+        rows = rounds.sample_round(run, r, rnd.section, cfg.seed, pi_t, annotate=reference_logprobs(run, pi_ref))
         groups = groups_of(rows, run.examples)
         t1 = time.time()
 

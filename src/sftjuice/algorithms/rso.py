@@ -13,8 +13,8 @@ DPO and SLiC fit preference pairs drawn from ``pi_SFT``, but the policy they aim
      ``losses.preference_loss`` (``sigmoid`` = DPO, ``hinge`` = SLiC, ``hinge-norm``).
 
 The model-free steps 2 and 3 are pure functions (``accept``, ``pair_up``); the loop comes
-below them. All candidates come from ``pi_SFT``, the frozen starting model (a copy; with
-LoRA the policy with its adapter switched off), never from the policy being trained. Each
+below them. All candidates come from ``pi_SFT``, the frozen starting model
+(:func:`references.starting_policy`), never from the policy being trained. Each
 epoch of the prompts is still split into ``--rounds`` sections, each drawing its candidates
 and then training on its pairs, so a killed run redraws at most one section. Round t:
 
@@ -44,7 +44,6 @@ pairs, prompts_without_pairs, reward_candidates / reward_accepted (mean r), rewa
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import random
@@ -58,10 +57,9 @@ from ..config import RSOConfig, SftjuiceError
 from ..data import Example
 from ..generation import derive_seed
 from ..losses import preference_loss
-from ..models import is_peft
 from ..scoring import rewards_of, shared_logprobs, token_logprobs_of
 from ..training import Learner, Run, start_run, weights_fingerprint
-from . import rounds
+from . import references, rounds
 from .rounds import Completion
 
 
@@ -268,12 +266,9 @@ def train_stats(sums: dict) -> dict:
 
 def reward_of(run: Run, cfg: RSOConfig):
     """(reward model, pi_base): the one ``--reward`` uses, frozen on the run's device."""
-    from .rft import load_reward
-    from .srppo import load_base
-
     if cfg.reward == "implicit":
-        return None, load_base(run, cfg.base_model)
-    return load_reward(run, cfg).to(run.accelerator.device).eval().requires_grad_(False), None
+        return None, references.load_base(run, cfg.base_model)
+    return references.load_reward(run, cfg).to(run.accelerator.device).eval().requires_grad_(False), None
 
 
 def train_pairs(run: Run, policy: Learner, items: list[Pairs], r: int, micro_loss, *, state: dict, step: int,
@@ -307,15 +302,13 @@ def train_pairs(run: Run, policy: Learner, items: list[Pairs], r: int, micro_los
 
 
 def train(cfg: RSOConfig, model=None, tokenizer=None, data=None) -> Path:
-    from .srppo import base_model_of
-
     if cfg.reward == "model" and not cfg.reward_model:
         raise SftjuiceError("--method rso needs --reward-model DIR (a sequence-classification reward with the policy's "
                             "tokenizer, e.g. an RFT run's OUTPUT/reward_model), or --reward implicit")
     if cfg.reward == "implicit":
         if model is not None and not cfg.base_model:
             raise SftjuiceError("--base-model is needed when the policy is given as a loaded model")
-        cfg = dataclasses.replace(cfg, base_model=base_model_of(cfg))  # the manifest names the base it used
+        cfg = dataclasses.replace(cfg, base_model=references.base_model_of(cfg))  # the manifest names the base it used
     run = start_run(cfg, model, tokenizer, data)
     plan = rounds.plan(len(run.examples), cfg.rounds, cfg.epochs, cfg.seed)
     round_steps = [rounds.steps_per_pass(run, len(rnd.section)) * cfg.passes for rnd in plan]
@@ -323,15 +316,15 @@ def train(cfg: RSOConfig, model=None, tokenizer=None, data=None) -> Path:
     # pi_SFT, before any step or resume: it draws every round's candidates (so every round
     # file names it) and is the loss's reference
     pi_sft = weights_fingerprint(run.policy)
-    sft = None if is_peft(run.policy) else run.frozen_copy()
+    starting = references.starting_policy(run)
     reward_model, base = reward_of(run, cfg)
     state = run.resume()
     micro_loss = pair_micro_loss(policy, cfg)
     bar = run.progress(sum(round_steps), state["step"])
     for rnd, start, end, _ in rounds.each_round(run, plan, round_steps, state):
         r, t0 = rnd.index, time.time()
-        with run.policy.disable_adapter() if sft is None else contextlib.nullcontext():
-            rows = rounds.sample_round(run, r, rnd.section, cfg.seed, pi_sft, model=run.policy if sft is None else sft,
+        with starting() as sft:
+            rows = rounds.sample_round(run, r, rnd.section, cfg.seed, pi_sft, model=sft,
                                        annotate=candidate_pairs(run, cfg, r, reward_model, base))
         t1 = time.time()
         sums = train_pairs(run, policy, pairs_of(rows, run.examples), r, micro_loss, state=state, step=start,

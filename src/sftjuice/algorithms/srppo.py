@@ -35,9 +35,10 @@ Chat-template tokens the base model never learned to predict (``<|im_end|>``) ca
 large share of the log-ratio; they are kept in r, and each round reports their share of
 the |log-ratio| mass (``reward_template_share``) beside their share of the tokens.
 
-Memory: the policy, pi_SFT (a frozen copy; with LoRA the policy with its adapter switched
-off, no copy) and pi_base, about three times the weights. ``--base-model`` defaults to the
-starting model of the sftjuice SFT run whose ``OUTPUT/final`` is ``--model``.
+Memory: the policy, pi_SFT and pi_base, about three times the weights; with LoRA pi_SFT is
+the policy's own weights under its reference adapter or none (:func:`references.starting_policy`),
+so twice the weights. ``--base-model`` defaults to the starting model of the sftjuice SFT
+run whose ``OUTPUT/final`` is ``--model`` (:func:`references.base_model_of`).
 
 Samples, their per-token log-probs under pi_SFT and pi_base, and r of each demonstration
 land in ``OUTPUT/rounds/<t>/generations.jsonl`` before the round trains; a checkpoint
@@ -55,9 +56,7 @@ apart); timings (``generation_seconds`` includes both reference passes).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
 import logging
 import math
 import time
@@ -65,59 +64,13 @@ from pathlib import Path
 
 from ..config import SftjuiceError, SRPPOConfig
 from ..data import Demonstration, Example, load_demonstrations
-from ..models import is_peft, load_policy, load_tokenizer, resolve_model
 from ..scoring import token_logprobs_of
-from ..training import MANIFEST, Run, file_fingerprint, start_run
-from . import rounds
+from ..training import Run, start_run
+from . import references, rounds
 from .ppo import assign_advantages, policy_micro_loss
 from .rounds import Group, groups_of, samples_in
 
 log = logging.getLogger(__name__)
-
-
-# ------------------------------------------------------------------------- pi_base
-
-
-def base_model_of(cfg: SRPPOConfig) -> str:
-    """``--base-model``, or the starting model of the sftjuice SFT run whose ``OUTPUT/final``
-    (or ``OUTPUT/merged``) is ``--model``, checked against that run's fingerprint of it."""
-    if cfg.base_model:
-        return cfg.base_model
-    model = Path(cfg.model).expanduser()
-    manifest = model.parent / MANIFEST
-    why = "is not the final/ of an sftjuice SFT run (OUTPUT/final beside OUTPUT/manifest.json)"
-    if model.is_dir() and manifest.is_file():
-        try:
-            run = json.loads(manifest.read_text())
-            method, base = run["method"], run["config"]["model"]
-        except (OSError, ValueError, KeyError, TypeError):
-            method, base = None, None
-        if method != "sft":
-            why = f"comes from a --method {method} run, whose starting model is not the pretrained base"
-        else:
-            try:
-                same = file_fingerprint(resolve_model(base)) == run.get("model")
-            except SftjuiceError:
-                same = False
-            if same:
-                return base
-            why = (f"comes from an SFT run whose starting model {base} is not found here or is not the model "
-                   "it trained (changed, or passed as a loaded model)")
-    raise SftjuiceError(f"--base-model is needed: --model {cfg.model} {why}; give the pretrained model it was fine-tuned from")
-
-
-def load_base(run: Run, name: str):
-    """pi_base, frozen, on the run's device; it must read the policy's tokens."""
-    path = resolve_model(name) if run.is_main else None
-    run.accelerator.wait_for_everyone()
-    path = path or resolve_model(name)
-    if (path / "tokenizer_config.json").exists() and load_tokenizer(path).get_vocab() != run.tokenizer.get_vocab():
-        raise SftjuiceError(f"--base-model {path}: its tokenizer differs from --model's; the reward compares both models on the same tokens")
-    base = load_policy(run.cfg, path, trainable=False)
-    if base.config.vocab_size != run.policy_model.config.vocab_size:
-        raise SftjuiceError(f"--base-model {path}: vocabulary of {base.config.vocab_size} tokens, --model has "
-                            f"{run.policy_model.config.vocab_size}; the reward compares both models on the same tokens")
-    return base.to(run.accelerator.device).eval().requires_grad_(False)
 
 
 # ------------------------------------------------------------------------ the reward
@@ -143,18 +96,16 @@ def _token_logprobs(model, pad_id: int, examples: list[Example], samples) -> lis
     return out
 
 
-def reference_scores(run: Run, sft, base, no_eos_penalty: float):
+def reference_scores(run: Run, pi_sft, base, no_eos_penalty: float):
     """``annotate`` for :func:`rounds.sample_round`: per-token log pi_SFT (``ref_token_logprobs``,
     also pi_ref of the KL) and log pi_base (``base_token_logprobs``) of each sample, and r of
-    the demonstration. pi_SFT is ``sft``, or with LoRA (``sft`` None) the policy with its
-    adapter switched off."""
+    the demonstration (``pi_sft`` from :func:`references.starting_policy`)."""
     pad = run.tokenizer.pad_token_id
 
     def annotate(examples: list[Example], samples) -> list[dict]:
-        adapter_off = run.policy.disable_adapter() if sft is None else contextlib.nullcontext()
         with run.accelerator.autocast():  # the precision the policy samples and trains in
-            with adapter_off:
-                by_sft = _token_logprobs(run.policy if sft is None else sft, pad, examples, samples)
+            with pi_sft() as sft:
+                by_sft = _token_logprobs(sft, pad, examples, samples)
             by_base = _token_logprobs(base, pad, examples, samples)
         return [{"ref_token_logprobs": s_samples, "base_token_logprobs": b_samples,
                  "demonstration_reward": None if s_demo is None else sequence_reward(s_demo, b_demo, True, no_eos_penalty)}
@@ -231,17 +182,17 @@ def with_prompts(run: Run, cfg: SRPPOConfig) -> tuple[list[Example], list[Demons
 def train(cfg: SRPPOConfig, model=None, tokenizer=None, data=None) -> Path:
     if model is not None and not cfg.base_model:
         raise SftjuiceError("--base-model is needed when the policy is given as a loaded model")
-    cfg = dataclasses.replace(cfg, base_model=base_model_of(cfg))  # the manifest names the base it used
+    cfg = dataclasses.replace(cfg, base_model=references.base_model_of(cfg))  # the manifest names the base it used
     run = start_run(cfg, model, tokenizer, data)
     examples, demos = with_prompts(run, cfg)
     n = cfg.num_samples
     plan = rounds.plan(len(examples), cfg.rounds, cfg.epochs, cfg.seed)
     per_pass = [rounds.steps_per_pass(run, len(rnd.section)) for rnd in plan]
     policy = run.learner(run.policy_model, cfg.learning_rate, sum(per_pass) * cfg.policy_steps)
-    sft = None if is_peft(run.policy) else run.frozen_copy()  # pi_SFT = pi_ref, the starting policy
-    base = load_base(run, cfg.base_model)
+    pi_sft = references.starting_policy(run)  # pi_SFT = pi_ref
+    base = references.load_base(run, cfg.base_model)
     state = run.resume()
-    annotate = reference_scores(run, sft, base, cfg.no_eos_penalty)
+    annotate = reference_scores(run, pi_sft, base, cfg.no_eos_penalty)
     policy_loss = policy_micro_loss(policy, cfg.clip_range)
     template_ids = set(run.tokenizer.all_special_ids) | set(run.chat.stop_token_ids)
     round_steps = [steps * cfg.policy_steps for steps in per_pass]

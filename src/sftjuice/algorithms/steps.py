@@ -25,8 +25,8 @@ most ``--max-positives``); negatives: wrong ones (at most ``--max-negatives``).
   demonstration when its own answer verifies (small models often solve nothing); with
   ``--credit step`` the negative is cut after its first pit found by ``--rollouts`` rollouts
   of pi_SFT from each prefix; with ``--credit response`` it stays whole (with its end-of-turn
-  token, if it had one). DPO against pi_SFT (the starting model: a frozen copy, or with
-  LoRA the adapter switched off), whose log-probs of both sides are computed at round time.
+  token, if it had one). DPO against pi_SFT (the starting model,
+  :func:`references.starting_policy`), whose log-probs of both sides are computed at round time.
 
 Everything a round trains on, rollouts included, is in its round file before its first
 step. One pass over a round's prompts that have pairs (positives), in batches of prompts.
@@ -34,7 +34,6 @@ step. One pass over a round's prompts that have pairs (positives), in batches of
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,11 +45,10 @@ from ..config import RestConfig, StepsConfig, VerifiedConfig
 from ..data import Example
 from ..generation import Sample, derive_seed, sample
 from ..losses import preference_loss, sft_loss
-from ..models import is_peft
 from ..scoring import sequence_logprobs_of, shared_logprobs
 from ..training import Learner, Run, start_run, weights_fingerprint
 from ..verifiers import load_verifier, reference_answer
-from . import rounds
+from . import references, rounds
 
 SUCCESS_THRESHOLD = 0.5
 """A rollout verifies when its score is at least this (verifiers return scores in [0, 1];
@@ -199,13 +197,6 @@ def choose(texts: list[str], scores: list[float], max_positives: int, max_negati
     return positives, negatives
 
 
-@contextlib.contextmanager
-def starting_model(run: Run, ref):
-    """pi_SFT: the frozen copy ``ref``, or with LoRA (``ref`` None) the policy with its adapter off."""
-    with contextlib.nullcontext(ref) if ref is not None else run.policy.disable_adapter():
-        yield ref if ref is not None else run.policy
-
-
 def verdicts(run: Run, cfg, verifier, answers: list[str]):
     """``annotate`` for :func:`rounds.sample_round`: each sample's score, the positives and negatives."""
     def annotate(examples: list[Example], samples: list[list[Sample]]) -> list[dict]:
@@ -293,15 +284,16 @@ def reference_logprobs(run: Run, model, examples: list[Example], rows: list[dict
             pair["ref_chosen"], pair["ref_rejected"] = lps[2 * k], lps[2 * k + 1]
 
 
-def steps_annotate(run: Run, cfg, verifier, answers: list[str], ref, r: int, timing: dict):
-    """``annotate`` for `steps`: verdicts, pairs, (credit step) rollouts and pits, references."""
+def steps_annotate(run: Run, cfg, verifier, answers: list[str], pi_sft, r: int, timing: dict):
+    """``annotate`` for `steps`: verdicts, pairs, (credit step) rollouts and pits, references
+    (``pi_sft`` from :func:`references.starting_policy`)."""
     judge = verdicts(run, cfg, verifier, answers)
 
     def annotate(examples: list[Example], samples: list[list[Sample]]) -> list[dict]:
         rows = judge(examples, samples)
         make_pairs(run, verifier, examples, samples, rows)
         t0 = time.time()
-        with starting_model(run, ref) as sft_model:
+        with pi_sft() as sft_model:
             if cfg.credit == "step":
                 find_pits(run, cfg, verifier, sft_model, r, examples, samples, rows)
             timing["rollout_seconds"] = round(time.time() - t0, 2)
@@ -427,7 +419,7 @@ def _train(cfg: VerifiedConfig, model=None, tokenizer=None, data=None) -> Path:
     # schedule runs on this planned clock; the steps a round does not need only advance it.
     round_steps = [rounds.steps_per_pass(run, len(rnd.section)) for rnd in plan]
     policy = run.learner(run.policy_model, cfg.learning_rate, sum(round_steps))
-    ref = run.frozen_copy() if pairs and not is_peft(run.policy) else None  # pi_SFT, made before any step
+    pi_sft = references.starting_policy(run) if pairs else None  # made before any step
     state = run.resume()
     micro_loss, weight = (dpo_micro_loss(policy, cfg.beta, cfg.sft_weight), pairs_in) if pairs else (positive_micro_loss(policy), positive_tokens)
     bar = run.progress(sum(round_steps), state["step"])
@@ -440,7 +432,7 @@ def _train(cfg: VerifiedConfig, model=None, tokenizer=None, data=None) -> Path:
         t0 = time.time()
         pi_t = rounds.round_policy(run, state, start)
         timing = {"rollout_seconds": 0.0} if pairs else {}  # stays 0 when the round's file is read back
-        annotate = steps_annotate(run, cfg, verifier, answers, ref, r, timing) if pairs else verdicts(run, cfg, verifier, answers)
+        annotate = steps_annotate(run, cfg, verifier, answers, pi_sft, r, timing) if pairs else verdicts(run, cfg, verifier, answers)
         rows = rounds.sample_round(run, r, rnd.section, cfg.seed, pi_t, annotate=annotate)
         groups = pair_groups(rows, run.examples) if pairs else positive_groups(rows, run.examples)
         t1 = time.time()
