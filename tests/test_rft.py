@@ -96,10 +96,10 @@ def test_ppo_clip_loss_gradient_against_the_formula():
 
 def test_rft_options_come_from_the_config_file_and_are_checked(tmp_path):
     (tmp_path / "c.yaml").write_text("method: rft\npolicy-steps: 3\nreward-loss: linear\nreward_l2: 0.05\n"
-                                     "num-samples: 4\ntemperature: 0.7\nclip-range: 0.1\nreward-learning-rate: 1e-4\n")
+                                     "num-samples: 4\ntemperature: 1\nclip-range: 0.1\nreward-learning-rate: 1e-4\n")
     cfg = parse_args(TrainConfig, ["--config", str(tmp_path / "c.yaml"), "--policy-steps", "2"], prog="t")
     assert (cfg.method, cfg.policy_steps, cfg.reward_loss, cfg.reward_l2, cfg.num_samples, cfg.temperature,
-            cfg.clip_range, cfg.reward_learning_rate) == ("rft", 2, "linear", 0.05, 4, 0.7, 0.1, 1e-4)
+            cfg.clip_range, cfg.reward_learning_rate) == ("rft", 2, "linear", 0.05, 4, 1.0, 0.1, 1e-4)
     with pytest.raises(SftjuiceError, match="--num-samples 1: must be >= 2"):
         RFTConfig(num_samples=1)
     with pytest.raises(SftjuiceError, match="--reward-l2"):
@@ -297,3 +297,16 @@ def test_reward_is_read_at_the_end_of_turn_token(tiny_model_dir, tokenizer):
     assert finished != pytest.approx(cut, abs=1e-6)
     [[alone]] = rewards_of(model, [prompt], [[answer + [eos]]])
     assert finished == pytest.approx(alone, abs=1e-5)  # padding to the longer row changes nothing
+
+
+@pytest.mark.parametrize("method", ["rft", "srppo"])
+@pytest.mark.parametrize("option", [("--temperature", "0.7"), ("--top-p", "0.9")])
+def test_ppo_methods_sample_from_the_policy_their_ratio_divides_by(method, option, capsys):
+    """PPO's ratio and the KL estimate divide by pi_t's untempered log-probs: samples drawn at
+    another temperature or from a nucleus come from another policy, so the config refuses them."""
+    from sftjuice.cli import main
+
+    assert main(["train", "--method", method, *option, "--data", "d.jsonl", "--output", "o"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"sftjuice train: error: {option[0]} {float(option[1])}: --method {method}")
+    assert parse_args(TrainConfig, ["--method", method], prog="t").temperature == 1.0

@@ -102,7 +102,7 @@ def test_base_model_is_found_from_the_sft_run_or_asked_for_in_one_line(sft_run, 
     assert err[-1].startswith("sftjuice train: error: --base-model is needed: --model ") and "pretrained model" in err[-1]
     assert not (tmp_path / "o").exists()
     cfg = parse_args(TrainConfig, ["--method", "srppo", "--kl-coef", "0.1", "--no-eos-penalty", "-3"], prog="t")
-    assert (cfg.kl_coef, cfg.no_eos_penalty, cfg.num_samples, cfg.temperature, cfg.clip_range) == (0.1, -3.0, 4, 0.7, 0.2)
+    assert (cfg.kl_coef, cfg.no_eos_penalty, cfg.num_samples, cfg.temperature, cfg.clip_range) == (0.1, -3.0, 4, 1.0, 0.2)
     with pytest.raises(SftjuiceError, match="--num-samples 1: must be >= 2"):
         SRPPOConfig(num_samples=1)
 

@@ -156,6 +156,19 @@ class OnlineConfig(TrainConfig, SamplingConfig):
     """Methods that sample rounds from the policy being trained."""
 
 
+class PolicyGradientConfig(OnlineConfig):
+    """RFT and SRPPO: PPO-clip and a KL estimate on samples of pi_t. Both take the samples to
+    come from pi_t itself, whose untempered log-probs are the ratio's denominator and the
+    KL's; a temperature or nucleus would sample another policy and bias both."""
+
+    def check(self) -> None:
+        super().check()
+        for name, value in (("temperature", self.temperature), ("top_p", self.top_p)):
+            if value != 1.0:
+                raise SftjuiceError(f"{flag(name)} {value}: --method {self.method} samples from pi_t itself (1), the "
+                                    "policy its PPO ratio and KL estimate divide by")
+
+
 @dataclass
 class PairConfig(OnlineConfig):
     """The implicit-reward pair loss of IRFT and SPIN."""
@@ -194,7 +207,7 @@ class SPINConfig(PairConfig):
 
 
 @dataclass
-class RFTConfig(OnlineConfig):
+class RFTConfig(PolicyGradientConfig):
     """RFT (Algorithm 1): an explicit reward model, then KL-regularised RL against it."""
     method: str = _f("rft", "training method")
     epochs: float = _f(1.0, "passes over the demonstrations", gt=0)
@@ -218,13 +231,12 @@ class RFTConfig(OnlineConfig):
 
 
 @dataclass
-class SRPPOConfig(OnlineConfig):
+class SRPPOConfig(PolicyGradientConfig):
     """Self-Rewarding PPO (Zhang et al. 2025): reward log pi_SFT(y|x) - log pi_base(y|x), KL-regularised RL from pi_SFT."""
     method: str = _f("srppo", "training method")
     epochs: float = _f(1.0, "passes over the prompts", gt=0)
     rounds: int = _f(4, "T: generation rounds per epoch; each round samples for its section of the prompts", ge=1)
     num_samples: int = _f(4, "responses sampled per prompt (>= 2: RLOO baselines each by the others)", ge=2)
-    temperature: float = _f(0.7, "sampling temperature; 0 = greedy", ge=0)
     per_device_batch_size: int = _f(4, "prompts per process per micro-batch, each with its --num-samples samples", ge=1)
     policy_steps: int = _f(1, "K: PPO-clip passes over a round's samples", ge=1)
     kl_coef: float = _f(0.05, "weight of the per-token KL to pi_ref = pi_SFT (the starting model) in the policy's reward", ge=0)

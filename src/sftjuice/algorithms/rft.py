@@ -110,9 +110,6 @@ def reward_micro_loss(reward: Learner, cfg: RFTConfig):
 
 
 def train(cfg: RFTConfig, model=None, tokenizer=None, data=None) -> Path:
-    if cfg.temperature != 1.0 or cfg.top_p != 1.0:
-        log.warning("--temperature/--top-p change the sampling distribution: the policy gradient and the KL "
-                    "estimate assume samples from pi_t itself, so they are biased")
     run = start_run(cfg, model, tokenizer, data)
     n = cfg.num_samples
     plan = rounds.plan(len(run.examples), cfg.rounds, cfg.epochs, cfg.seed)

@@ -19,9 +19,8 @@ T sections; round t
      ``r(x, y) - kl_coef * sum_t log(pi_t(y_t) / pi_SFT(y_t))``: each sample baselined by
      the mean of its prompt's other n-1 samples. There is no value network and no GAE (the
      paper trains a value head); the policy is the only model that trains. Samples are
-     drawn at temperature 0.7 (the spec's default) while the ratios and the KL use the
-     untempered log-probs, so the policy gradient and the KL estimate are biased (RFT warns
-     of the same); ``--temperature 1`` makes them exact.
+     drawn at temperature 1 (the spec's 0.7 would sample another policy than the pi_t whose
+     untempered log-probs the ratios and the KL use, and bias both: the config refuses it).
 
 Why -1 for a cut sample: the reward's zero is "pi_SFT and pi_base agree", and a finished
 sample of pi_SFT scores KL(pi_SFT || pi_base) >= 0 on average (summed over a response,
