@@ -210,7 +210,7 @@ def sft_best(work: Path, task: str, seed: int, precision: str, model: str) -> di
               "train_seconds": round(sum(m.get("step_seconds", 0.0) for m in metrics), 1),
               "validation_seconds": round(sum(e["seconds"] for e in curve), 1),
               "wall_seconds_this_invocation": round(seconds, 1), "learning_rate": SFT_LR, "schedule": "linear",
-              "max_epochs": MAX_EPOCHS, "patience": PATIENCE}
+              "max_epochs": MAX_EPOCHS, "patience": PATIENCE, "load_average": os.getloadavg()}
     atomic_write_text(done_file, json.dumps(result, indent=1))
     shutil.rmtree(unit / "run" / "checkpoints", ignore_errors=True)  # ~1.6 GB; best/ is what later stages start from
     shutil.rmtree(unit / "run" / "final", ignore_errors=True)  # the last epoch's model: not the one kept
@@ -314,7 +314,8 @@ def run_arm(work: Path, task: str, seed: int, name: str, trial: int) -> dict:
               "validation_seconds": round(sum(e["seconds"] for e in curve), 1),
               "model": str(unit / "best") if best["epoch"] else str(work / task / f"seed{seed}" / "sft-best-fp32" / "best"),
               "rounds": [{k: r[k] for k in ("round", "step", "pairs", "identical_pairs", "heldout_margin", "accuracy",
-                                            "acceptance_rate", "loss", "margin") if k in r} for r in rounds_seen]}
+                                            "acceptance_rate", "loss", "margin") if k in r} for r in rounds_seen],
+              "load_average": os.getloadavg()}
     atomic_write_text(done_file, json.dumps(result, indent=1))
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     shutil.rmtree(run_dir / "final", ignore_errors=True)
@@ -401,6 +402,23 @@ def precision_rows(done: list[dict]) -> list[dict]:
     return rows
 
 
+def precision_verdict(done: list[dict]) -> str:
+    """What the precision check decides, in words: bf16 only if it is faster and its best
+    validation accuracy over the epochs both ran is within noise of fp32's."""
+    pair = {d["precision"]: d for d in done if d["seed"] == 0}
+    n = min(len(pair["fp32"]["curve"]), len(pair["bf16"]["curve"]))
+    best = {p: max(e["accuracy"] for e in pair[p]["curve"][:n]) for p in pair}
+    per_step = {p: pair[p]["train_seconds"] / pair[p]["steps"] for p in pair}
+    prompts = VALIDATION[1] - VALIDATION[0]
+    noise = 1.96 * (2 * best["fp32"] * (1 - best["fp32"]) / prompts) ** 0.5  # two independent proportions
+    faster = per_step["bf16"] < per_step["fp32"]
+    close = abs(best["bf16"] - best["fp32"]) <= noise
+    return (f"bf16 autocast took {per_step['bf16'] / per_step['fp32']:.1f}x fp32's seconds a training step (both while "
+            f"other runs shared the machine); best validation accuracy over epochs 1-{n}: fp32 {best['fp32']:.1%}, bf16 "
+            f"{best['bf16']:.1%} ({'within' if close else 'outside'} ±{noise:.1%}, two independent proportions). "
+            f"The benchmark runs in **{'bf16' if faster and close else 'fp32'}**.\n")
+
+
 def report(args) -> None:
     from sftjuice.report import markdown_table, plot_line_panels, text_table, write_json
 
@@ -438,7 +456,7 @@ def report(args) -> None:
             print(f"\n{task}: SFT-best\n" + text_table(rows, list(rows[0])))
         prec = precision_rows(mine)
         if prec:
-            lines += ["## Precision (seed 0, validation)", "", markdown_table(prec, list(prec[0]))]
+            lines += ["## Precision (seed 0, validation)", "", markdown_table(prec, list(prec[0])), precision_verdict(mine)]
         trials, arm_results = arm_tables(args, task)
         lines += ["## Tuning trials (seed 0, validation only)", "",
                   f"Each trial trains from seed 0's SFT-best epoch by epoch (up to {ARM_MAX_EPOCHS} passes over the "
