@@ -33,6 +33,10 @@ def _quiet_libraries() -> None:
 
 
 def cmd_train(argv: list[str]) -> None:
+    from . import stopping
+
+    stopping.COMMAND_LINE = ["sftjuice", "train", *argv]  # for the --resume command a stopped run prints
+    stopping.install_stop_handlers()  # before torch loads: a signal during start-up stops the run too
     from .api import train
 
     print(f"trained model: {train(parse_args(TrainConfig, argv, prog='sftjuice train'))}")
@@ -93,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     from safetensors import SafetensorError
 
     from .storage import os_error_message, write_error_message
+    from .stopping import RunStopped
 
     try:
         try:
@@ -106,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
                 except Exception:  # noqa: BLE001 - the error itself matters, not its progress bar
                     pass
             raise
+    except RunStopped as e:  # a stop signal, divergence, a folder in use: one line, a status of its own
+        print(f"sftjuice {command}: {' '.join(str(e).split())}", file=sys.stderr)
+        return e.status
     except SftjuiceError as e:  # bad input or option: one line (messages with newlines are joined)
         print(f"sftjuice {command}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2

@@ -1,0 +1,333 @@
+"""How real machines fail a run, with real processes, files and signals: an optimiser that
+diverges, two runs started into one folder, a damaged checkpoint, and a stop signal
+(preemption). Each test asserts what the user sees (the exit status and the one line) and
+what is left on disk (the weights, the checkpoints, metrics.jsonl)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sftjuice.training import DIVERGED, FOLDER_IN_USE, PREEMPTED, checkpoint_problem
+
+from .conftest import REPO, build_tiny_model, read_metrics, run_cli, sort_rows, write_jsonl
+from .test_resume import untimed
+from .test_sft import assert_same_weights
+
+
+def cli(*args) -> list[str]:
+    return [sys.executable, "-m", "sftjuice.cli", "--quiet", *map(str, args)]
+
+
+def last_line(stderr: str) -> str:
+    return [line for line in stderr.splitlines() if line.strip()][-1]
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(path / "model.safetensors")
+
+
+def checkpoints(out: Path) -> dict[int, Path]:
+    return {int(p.name.split("-")[1]): p for p in sorted((out / "checkpoints").glob("step-*"))}
+
+
+# ----------------------------------------------------------------------- divergence
+
+
+def test_a_diverging_learning_rate_is_skipped_then_stops_the_run(tiny_model_dir, tmp_path):
+    """On the tiny model a learning rate of 1e8 makes step 1's update overflow the next
+    forward pass: steps 2, 3 and 4 have a NaN loss, none of them reaches the weights, and the
+    third in a row (--max-bad-steps 3) stops the run with status 3."""
+    data = write_jsonl(tmp_path / "demos.jsonl", sort_rows(24))
+    out = tmp_path / "o"
+    proc = run_cli("train", "--model", tiny_model_dir, "--data", data, "--output", out, "--per-device-batch-size", "4",
+                   "--learning-rate", "1e8", "--lr-scheduler", "constant", "--save-every", "1", "--keep-checkpoints", "10",
+                   check=False)
+    assert proc.returncode == DIVERGED, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert last_line(proc.stderr) == (
+        "sftjuice train: diverged at step 4: 3 optimiser steps in a row with a non-finite loss or gradient norm "
+        "(loss nan, grad_norm nan; --max-bad-steps 3; each was skipped, so the weights are step 1's); last good "
+        f"checkpoint: {out / 'checkpoints/step-0000003'}. Usual causes: --learning-rate 1e+08 too high, or bf16 "
+        "overflow (--bf16 false)")
+    metrics = read_metrics(out)
+    assert [(m["step"], m["in_a_row"]) for m in metrics if m.get("event") == "nonfinite"] == [(2, 1), (3, 2), (4, 3)]
+    steps = [m for m in metrics if "event" not in m]
+    assert [m.get("nonfinite") for m in steps] == [None, 1, 1, 1]
+    assert steps[0]["loss"] is not None and all(m["loss"] is None for m in steps[1:])  # JSON null, not NaN
+    # the skipped steps left the weights as step 1 made them, finite
+    saved = checkpoints(out)
+    assert sorted(saved) == [1, 2, 3] and not (out / "final").exists()
+    for step in (2, 3):
+        assert_same_weights(saved[1], saved[step])
+    assert all(torch.isfinite(w).all() for w in weights(saved[3]).values())
+
+
+def test_a_nan_in_one_batch_is_skipped_and_training_goes_on(tokenizer, tmp_path):
+    """A real fault in a real run: a model whose input embedding of one token (" zebra") is NaN,
+    and one demonstration of twelve that uses it. Each epoch, the one step whose batch holds
+    it is skipped (the weights and AdamW's state stay as they were, the schedule moves on);
+    every other step trains; the run ends normally."""
+    model_dir = tmp_path / "model"
+    model = build_tiny_model(tokenizer, tie_word_embeddings=False)  # the NaN row feeds the input only
+    [zebra] = tokenizer.encode(" zebra")
+    with torch.no_grad():
+        model.model.embed_tokens.weight[zebra] = float("nan")
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    rows = sort_rows(11) + [{"prompt": "Sort 3, zebra, 1 in ascending order.", "completion": "1, 3"}]
+    data = write_jsonl(tmp_path / "demos.jsonl", rows)
+    out = tmp_path / "o"
+    run_cli("train", "--model", model_dir, "--data", data, "--output", out, "--per-device-batch-size", "4",
+            "--epochs", "2", "--learning-rate", "1e-3", "--save-every", "1", "--keep-checkpoints", "100")
+    metrics = read_metrics(out)
+    bad = [m["step"] for m in metrics if m.get("event") == "nonfinite"]
+    assert len(bad) == 2 and bad[0] <= 3 < bad[1] <= 6, bad  # one step in each epoch of 3 steps
+    assert [m["step"] for m in metrics if m.get("nonfinite")] == bad
+    saved = {0: model_dir, **checkpoints(out)}
+    for step in range(1, 7):
+        before, after = weights(saved[step - 1]), weights(saved[step])
+        changed = [n for n in after if not torch.equal(before[n].nan_to_num(), after[n].nan_to_num())]
+        assert (not changed) if step in bad else changed, (step, changed)
+    final = weights(out / "final")
+    embedding = final.pop("model.embed_tokens.weight")
+    assert torch.isnan(embedding[zebra]).all() and torch.isfinite(embedding[:zebra]).all()
+    assert all(torch.isfinite(w).all() for w in final.values())
+
+
+# ------------------------------------------------------------------ two runs, one folder
+
+LOCK_REPEATS = 10
+
+
+def test_two_runs_started_together_into_one_folder_one_proceeds(tiny_model_dir, tmp_path):
+    """Started at the same moment, many times: each time exactly one run proceeds and ends
+    normally, the other stops with status 4 and one line naming the first one's pid."""
+    data = write_jsonl(tmp_path / "demos.jsonl", sort_rows(24))
+    args = ["train", "--model", tiny_model_dir, "--data", data, "--per-device-batch-size", "1", "--epochs", "2"]
+    for repeat in range(LOCK_REPEATS):
+        out = tmp_path / f"o{repeat}"
+        procs = [subprocess.Popen(cli(*args, "--output", out), cwd=REPO, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(2)]
+        ends = [(p.pid, p.wait(timeout=600), p.stderr.read()) for p in procs]
+        (winner, code_w, _), (loser, code_l, err) = sorted(ends, key=lambda e: e[1])
+        assert (code_w, code_l) == (0, FOLDER_IN_USE), (repeat, ends)
+        assert last_line(err) == (f"sftjuice train: {out} is in use by another run (pid {winner}): wait for it to end, "
+                                  "or use another --output")
+        assert "Traceback" not in err
+        assert (out / "final/model.safetensors").exists()
+        assert [m["step"] for m in read_metrics(out)] == list(range(1, 49))  # one run's log, not two
+
+
+def test_a_running_run_refuses_a_resume_and_a_killed_ones_lock_does_not(tiny_model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "demos.jsonl", sort_rows(24))
+    out = tmp_path / "o"
+    args = ["train", "--model", tiny_model_dir, "--data", data, "--output", out, "--per-device-batch-size", "1",
+            "--epochs", "2", "--save-every", "1"]
+    first = subprocess.Popen(cli(*args), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (out / "checkpoints/step-0000002").exists():
+        assert first.poll() is None and time.time() < deadline, first.stderr.read()[-3000:]
+        time.sleep(0.05)
+    second = run_cli(*args, "--resume", check=False)
+    assert second.returncode == FOLDER_IN_USE
+    assert f"is in use by another run (pid {first.pid})" in last_line(second.stderr)
+    first.kill()
+    first.wait()
+    assert (out / ".lock").read_text().strip() == str(first.pid)  # a stale lock file, of a dead process
+    resumed = run_cli(*args, "--resume")
+    assert resumed.returncode == 0 and (out / "final").exists()
+
+
+# ------------------------------------------------------------------ a damaged checkpoint
+
+DAMAGED_ARGS = ["--per-device-batch-size", "4", "--epochs", "2", "--learning-rate", "1e-3", "--save-every", "1",
+                "--keep-checkpoints", "3"]
+
+
+@pytest.fixture(scope="module")
+def straight_run(tiny_model_dir, tmp_path_factory) -> tuple[list, Path]:
+    """A run of 12 steps never interrupted, moved aside to ``straight``; it keeps the
+    checkpoints of steps 10, 11 and 12. Each test copies it back (to the --output its
+    manifest names), damages the copy and resumes it."""
+    root = tmp_path_factory.mktemp("damaged")
+    data = write_jsonl(root / "demos.jsonl", sort_rows(24))
+    args = ["train", "--model", tiny_model_dir, "--data", data, *DAMAGED_ARGS, "--output", root / "o"]
+    run_cli(*args)
+    os.replace(root / "o", root / "straight")
+    assert sorted(checkpoints(root / "straight")) == [10, 11, 12]
+    return args, root / "straight"
+
+
+def damaged_copy(straight: Path) -> Path:
+    out = straight.with_name("o")
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(straight, out)
+    shutil.rmtree(out / "final")  # as if stopped after its last checkpoint
+    return out
+
+
+def truncate(path: Path) -> None:
+    os.truncate(path, path.stat().st_size // 2)
+
+
+def garble(path: Path) -> None:  # the same size: found only by loading it
+    with open(path, "r+b") as f:
+        f.write(b"\0" * 4096)
+
+
+# step -> how it is damaged; the run resumes from the newest step not named
+DAMAGES = {
+    "truncated-weights": {12: lambda c: truncate(c / "model.safetensors")},
+    "missing-optimizer": {12: lambda c: (c / "optimizer.bin").unlink()},
+    "missing-rng-state": {12: lambda c: (c / "random_states_0.pkl").unlink()},
+    "missing-trainer-state": {12: lambda c: (c / "trainer_state.json").unlink()},
+    # the weights load, then the optimiser does not: the next checkpoint must replace all of it
+    "garbled-optimizer": {12: lambda c: garble(c / "optimizer.bin")},
+    "two-damaged": {12: lambda c: truncate(c / "optimizer.bin"), 11: lambda c: (c / "model.safetensors").unlink()},
+}
+PROBLEMS = {"truncated-weights": "model.safetensors has", "missing-optimizer": "optimizer.bin is missing",
+            "missing-rng-state": "random_states_0.pkl is missing", "missing-trainer-state": "trainer_state.json is missing",
+            "garbled-optimizer": "does not load", "two-damaged": "optimizer.bin has"}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_damaged_checkpoint_is_named_and_an_earlier_one_resumed(damage, straight_run):
+    args, straight = straight_run
+    out = damaged_copy(straight)
+    saved = checkpoints(out)
+    for step, hurt in DAMAGES[damage].items():
+        hurt(saved[step])
+    proc = run_cli(*args, "--resume")
+    warnings = [line for line in proc.stderr.splitlines() if "--resume:" in line]
+    assert len(warnings) == len(DAMAGES[damage]), proc.stderr[-3000:]
+    assert f"{saved[12]} is damaged (" in warnings[0] and PROBLEMS[damage] in warnings[0], warnings
+    resumed_from = max(set(saved) - set(DAMAGES[damage]))
+    assert f"resumed from {saved[resumed_from]} (step {resumed_from})" in proc.stderr
+    assert_same_weights(straight / "final", out / "final")
+    assert untimed(read_metrics(out)) == untimed(read_metrics(straight))
+    assert all(checkpoint_problem(c) is None for c in checkpoints(out).values())
+
+
+def test_no_whole_checkpoint_stops_with_a_choice(straight_run):
+    args, straight = straight_run
+    out = damaged_copy(straight)
+    for c in checkpoints(out).values():
+        truncate(c / "model.safetensors")
+    before = {p: p.read_bytes() for p in [*out.glob("checkpoints/**/*"), out / "metrics.jsonl"] if p.is_file()}
+    proc = run_cli(*args, "--resume", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert last_line(proc.stderr) == (
+        f"sftjuice train: error: --resume: no whole checkpoint in {out / 'checkpoints'} (all 3 damaged, the newest: "
+        "step-0000012): start afresh with --overwrite, or put back a whole checkpoint")
+    after = {p: p.read_bytes() for p in [*out.glob("checkpoints/**/*"), out / "metrics.jsonl"] if p.is_file()}
+    assert after == before and not (out / "final").exists()  # nothing trained, nothing written
+
+
+# ---------------------------------------------------------------------- preemption
+
+STOP_SIGNALS = [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT]
+PREEMPT = {  # methods with --save-every 0: a stop checkpoints mid-epoch / mid-round by itself
+    "sft": ["--method", "sft", "--epochs", "2", "--per-device-batch-size", "1"],
+    "irft": ["--method", "irft", "--rounds", "2", "--passes", "3", "--per-device-batch-size", "1",
+             "--max-new-tokens", "8", "--lr-scheduler", "constant"],
+    "steps": ["--method", "steps", "--rounds", "2", "--num-samples", "2", "--rollouts", "2", "--per-device-batch-size", "1",
+              "--max-new-tokens", "8", "--lr-scheduler", "constant"],
+}
+STOPS = 3
+
+
+def logged_step(out: Path) -> int:
+    try:
+        text = (out / "metrics.jsonl").read_text()
+    except FileNotFoundError:
+        return 0
+    steps = [json.loads(line)["step"] for line in text.splitlines()[-5:] if line.endswith("}")]
+    return max(steps, default=0)
+
+
+@pytest.mark.parametrize("method", PREEMPT)
+def test_stop_signals_at_random_moments_then_resume_ends_identical(method, tiny_model_dir, tmp_path):
+    """SIGTERM, SIGUSR1 and SIGINT at random moments: each stop comes within one step of the
+    signal (the checkpoint's step against metrics.jsonl's last step when it was sent), exits
+    with status 75 and one line with the --resume command; the resumed runs end with the
+    weights, round files and metrics of a run never stopped."""
+    data = write_jsonl(tmp_path / "demos.jsonl", sort_rows(8 if method != "sft" else 24))
+    args = ["train", "--model", tiny_model_dir, "--data", data, "--seed", "3", "--learning-rate", "1e-3", *PREEMPT[method]]
+    t0 = time.time()
+    run_cli(*args, "--output", tmp_path / "straight")
+    duration = time.time() - t0
+    out = tmp_path / "stopped"
+    rng = random.Random(f"stop {method}")
+    stops = 0
+    for attempt in range(STOPS):
+        proc = subprocess.Popen(cli(*args, "--output", out, *(["--resume"] if attempt else [])), cwd=REPO,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            proc.wait(timeout=rng.uniform(0.3, 0.9) * duration / (1 + attempt))
+        except subprocess.TimeoutExpired:
+            before = logged_step(out)
+            proc.send_signal(STOP_SIGNALS[attempt % len(STOP_SIGNALS)])
+            after = logged_step(out)
+            err = proc.communicate(timeout=300)[1]
+            if proc.returncode == 0:  # the signal came as the run wrote final/ after its last checkpoint
+                continue
+            assert proc.returncode == PREEMPTED, err[-3000:]
+            last = last_line(err)
+            name = STOP_SIGNALS[attempt % len(STOP_SIGNALS)].name
+            resume = f"continue with: sftjuice train {' '.join(map(str, args))} --output {out} --resume"
+            assert last.startswith(f"sftjuice train: {name}: stopped") and last.endswith(resume), last
+            if "saved" in last:
+                step = max(checkpoints(out))
+                assert f"stopped after step {step}, saved {checkpoints(out)[step]};" in last
+                assert before <= step <= after + 1, (before, step, after)
+            else:  # before the first step, or no step since the last checkpoint (e.g. while sampling)
+                assert "with no optimiser step to save" in last
+                assert logged_step(out) == max(checkpoints(out), default=0) or not (out / "checkpoints").exists()
+            stops += 1
+        else:
+            assert proc.returncode == 0, proc.stderr.read()[-3000:]
+    assert stops >= 2, "the runs ended before they could be stopped"
+    run_cli(*args, "--output", out, "--resume")
+    assert_same_weights(tmp_path / "straight/final", out / "final")
+    for f in sorted((tmp_path / "straight").glob("rounds/*/*.jsonl")):
+        assert (out / f.relative_to(tmp_path / "straight")).read_text() == f.read_text(), f
+    assert untimed(read_metrics(out)) == untimed(read_metrics(tmp_path / "straight"))
+
+
+def test_a_second_signal_stops_at_once_and_damages_no_checkpoint(tiny_model_dir, tmp_path):
+    """Two signals a random few milliseconds apart (the second may land in a checkpoint's
+    write): the process dies by the second; every checkpoint left is whole, and the run
+    resumes to the weights of one never stopped."""
+    data = write_jsonl(tmp_path / "demos.jsonl", sort_rows(24))
+    args = ["train", "--model", tiny_model_dir, "--data", data, "--seed", "3", "--learning-rate", "1e-3",
+            "--per-device-batch-size", "1", "--epochs", "2", "--save-every", "2", "--keep-checkpoints", "2"]
+    run_cli(*args, "--output", tmp_path / "straight")
+    out = tmp_path / "stopped"
+    rng = random.Random("twice")
+    for attempt in range(3):
+        proc = subprocess.Popen(cli(*args, "--output", out, *(["--resume"] if attempt else [])), cwd=REPO,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 300
+        while logged_step(out) < 8 * (attempt + 1) + 1:
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(rng.uniform(0, 0.15))
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=300)
+        assert proc.returncode in (-signal.SIGTERM, PREEMPTED), proc.returncode  # 75: the first stop was quicker
+        assert all(checkpoint_problem(c) is None for c in checkpoints(out).values())
+    run_cli(*args, "--output", out, "--resume")
+    assert_same_weights(tmp_path / "straight/final", out / "final")
