@@ -33,10 +33,6 @@ def _quiet_libraries() -> None:
 
 
 def cmd_train(argv: list[str]) -> None:
-    from . import stopping
-
-    stopping.COMMAND_LINE = ["sftjuice", "train", *argv]  # for the --resume command a stopped run prints
-    stopping.install_stop_handlers()  # before torch loads: a signal during start-up stops the run too
     from .api import train
 
     print(f"trained model: {train(parse_args(TrainConfig, argv, prog='sftjuice train'))}")
@@ -87,6 +83,21 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"sftjuice: unknown command '{command}'\n\n{USAGE}", file=sys.stderr)
         return 2
+    from . import stopping
+
+    if command == "train":  # before torch loads: a stop signal during start-up stops the run too
+        stopping.COMMAND_LINE = ["sftjuice", *argv]  # for the --resume command a stopped run prints
+        stopping.install_stop_handlers()
+    try:
+        return _run(command, rest, quiet)
+    except stopping.RunStopped as e:  # a stop signal, divergence, a folder in use: one line, a status of its own
+        print(f"sftjuice {command}: {' '.join(str(e).split())}", file=sys.stderr)
+        return e.status
+    finally:
+        stopping.uninstall_stop_handlers()  # an in-process caller gets its handlers back
+
+
+def _run(command: str, rest: list[str], quiet: bool) -> int:
     rank = int(os.environ.get("RANK", "0"))
     from . import progress
 
@@ -97,7 +108,6 @@ def main(argv: list[str] | None = None) -> int:
     from safetensors import SafetensorError
 
     from .storage import os_error_message, write_error_message
-    from .stopping import RunStopped
 
     try:
         try:
@@ -111,9 +121,6 @@ def main(argv: list[str] | None = None) -> int:
                 except Exception:  # noqa: BLE001 - the error itself matters, not its progress bar
                     pass
             raise
-    except RunStopped as e:  # a stop signal, divergence, a folder in use: one line, a status of its own
-        print(f"sftjuice {command}: {' '.join(str(e).split())}", file=sys.stderr)
-        return e.status
     except SftjuiceError as e:  # bad input or option: one line (messages with newlines are joined)
         print(f"sftjuice {command}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
