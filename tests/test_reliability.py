@@ -5,6 +5,7 @@ what is left on disk (the weights, the checkpoints, metrics.jsonl)."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -253,7 +254,7 @@ PREEMPT = {  # methods with --save-every 0: a stop checkpoints mid-epoch / mid-r
             "--max-new-tokens", "8", "--lr-scheduler", "constant"],
 }
 CAMPAIGN: dict[str, tuple[int, int]] = {}  # method -> (stops with a checkpoint, stops with nothing to save)
-STOPS = 3
+STOPS = 4
 
 
 def handlers_installed(proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -282,9 +283,11 @@ def logged_step(out: Path) -> int:
 
 @pytest.mark.parametrize("method", PREEMPT)
 def test_stop_signals_at_random_moments_then_resume_ends_identical(method, tiny_model_dir, tmp_path):
-    """SIGTERM, SIGUSR1 and SIGINT at random moments: each stop comes within one step of the
-    signal (the checkpoint's step against metrics.jsonl's last step when it was sent), exits
-    with status 75 and one line with the --resume command; the resumed runs end with the
+    """SIGTERM, SIGUSR1 and SIGINT in turn: the first at a random moment of the run's life
+    (start-up, sampling, a step, a checkpoint), the others at a random step of what is left,
+    a random part of the way into it. Each stop comes within one step of its signal (the
+    checkpoint's step against metrics.jsonl's last step when it was sent), exits 75 with one
+    line naming the checkpoint and the --resume command; the resumed run ends with the
     weights, round files and metrics of a run never stopped."""
     data = write_jsonl(tmp_path / "demos.jsonl", sort_rows(8 if method != "sft" else 24))
     args = ["train", "--model", tiny_model_dir, "--data", data, "--seed", "3", "--learning-rate", "1e-3",
@@ -292,38 +295,48 @@ def test_stop_signals_at_random_moments_then_resume_ends_identical(method, tiny_
     t0 = time.time()
     run_cli(*args, "--output", tmp_path / "straight")
     duration = time.time() - t0
+    total = max(m["step"] for m in read_metrics(tmp_path / "straight"))
     out = tmp_path / "stopped"
     rng = random.Random(f"stop {method}")
     stops, saved = 0, 0
     for attempt in range(STOPS):
+        done = max(checkpoints(out), default=0) if (out / "checkpoints").exists() else 0
+        if done >= total - 1:
+            break
+        target = rng.randint(done + 1, total - 1)
         proc = subprocess.Popen(cli(*args, "--output", out, *(["--resume"] if attempt else [])), cwd=REPO,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         handlers_installed(proc)
-        try:
-            proc.wait(timeout=rng.uniform(0.1, 0.9) * duration / (1 + attempt))
-        except subprocess.TimeoutExpired:
-            before = logged_step(out)
-            proc.send_signal(STOP_SIGNALS[attempt % len(STOP_SIGNALS)])
-            after = logged_step(out)
-            err = proc.communicate(timeout=300)[1]
-            if proc.returncode == 0:  # the signal came as the run wrote final/ after its last checkpoint
-                continue
-            assert proc.returncode == PREEMPTED, err[-3000:]
-            last = last_line(err)
-            name = STOP_SIGNALS[attempt % len(STOP_SIGNALS)].name
-            resume = f"continue with: sftjuice {' '.join(map(str, args))} --output {out} --resume"
-            assert last.startswith(f"sftjuice train: {name}: stopped") and last.endswith(resume), last
-            if "saved" in last:
-                step = max(checkpoints(out))
-                assert f"stopped after step {step}, saved {checkpoints(out)[step]};" in last
-                assert before <= step <= after + 1, (before, step, after)
-                saved += 1
-            else:  # before the first step, or no step since the last checkpoint (e.g. while sampling)
-                assert "with no optimiser step to save" in last
-                assert logged_step(out) == max(checkpoints(out), default=0) or not (out / "checkpoints").exists()
-            stops += 1
+        if attempt == 0:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=rng.uniform(0.1, 0.9) * duration)
         else:
+            while proc.poll() is None and logged_step(out) < target:
+                time.sleep(0.005)
+            time.sleep(rng.uniform(0, 0.1))
+        if proc.poll() is not None:
             assert proc.returncode == 0, proc.stderr.read()[-3000:]
+            continue
+        sig = STOP_SIGNALS[attempt % len(STOP_SIGNALS)]
+        before = logged_step(out)
+        proc.send_signal(sig)
+        after = logged_step(out)
+        err = proc.communicate(timeout=300)[1]
+        if (out / "final").exists():  # the signal came as the run ended, after its last checkpoint
+            continue
+        assert proc.returncode == PREEMPTED, err[-3000:]
+        last = last_line(err)
+        resume = f"continue with: sftjuice {' '.join(map(str, args))} --output {out} --resume"
+        assert last.startswith(f"sftjuice train: {sig.name}: stopped") and last.endswith(resume), last
+        if "saved" in last:
+            step = max(checkpoints(out))
+            assert f"stopped after step {step}, saved {checkpoints(out)[step]};" in last
+            assert before <= step <= after + 1, (before, step, after)
+            saved += 1
+        else:  # before the first step, or no step since the last checkpoint (e.g. while sampling)
+            assert "with no optimiser step to save" in last
+            assert logged_step(out) == max(checkpoints(out), default=0) or not (out / "checkpoints").exists()
+        stops += 1
     assert stops >= 2, "the runs ended before they could be stopped"
     run_cli(*args, "--output", out, "--resume")
     assert_same_weights(tmp_path / "straight/final", out / "final")
@@ -342,6 +355,45 @@ def test_campaign_summary(capsys):
     with capsys.disabled():
         print(f"\nstop signals: {saved + nothing} stops ({saved} saved a checkpoint within one step, {nothing} had "
               f"nothing to save), {len(CAMPAIGN)} of {len(CAMPAIGN)} resumed runs identical ({', '.join(CAMPAIGN)})")
+
+
+@pytest.mark.multiprocess
+def test_under_accelerate_launch_a_signal_to_one_process_stops_all_after_the_same_step(tiny_model_dir, tmp_path):
+    """Two processes (DDP over gloo); SIGTERM reaches rank 1 alone. Both stop after the same
+    step, with one checkpoint of it, and the run resumed under the launcher ends with the
+    weights of one never stopped."""
+    import psutil
+
+    data = write_jsonl(tmp_path / "demos.jsonl", sort_rows(24))
+    launcher = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "sftjuice.cli"]
+    args = ["train", "--model", tiny_model_dir, "--data", data, "--seed", "3", "--learning-rate", "1e-3",
+            "--per-device-batch-size", "1", "--epochs", "3"]
+    run_cli(*args, "--output", tmp_path / "straight", launcher=launcher)
+    out = tmp_path / "stopped"
+    proc = subprocess.Popen(launcher + ["--quiet", *map(str, args), "--output", str(out)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while logged_step(out) < 5:
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
+        time.sleep(0.05)
+    [rank1] = [c for c in psutil.Process(proc.pid).children(recursive=True)
+               if "sftjuice.cli" in c.cmdline() and c.environ().get("RANK") == "1"]
+    before = logged_step(out)
+    rank1.send_signal(signal.SIGTERM)
+    after = logged_step(out)
+    err = proc.communicate(timeout=300)[1]
+    lines = [line for line in err.splitlines() if line.startswith("sftjuice train: ")]
+    [step] = checkpoints(out)
+    assert before <= step <= after + 1, (before, step, after)
+    saved = f"stopped after step {step}, saved {out / 'checkpoints' / f'step-{step:07d}'}; continue with: accelerate launch"
+    assert sorted(line.split(": stopped")[0] for line in lines) == [
+        "sftjuice train: SIGTERM", "sftjuice train: a stop signal (to another process)"], err[-3000:]
+    assert all(saved in line for line in lines), lines
+    assert checkpoint_problem(checkpoints(out)[step]) is None
+    run_cli(*args, "--output", out, "--resume", launcher=launcher)
+    assert_same_weights(tmp_path / "straight/final", out / "final")
+    assert untimed(read_metrics(out)) == untimed(read_metrics(tmp_path / "straight"))
 
 
 def test_a_second_signal_stops_at_once_and_damages_no_checkpoint(tiny_model_dir, tmp_path):
@@ -387,7 +439,7 @@ def test_a_bad_row_near_the_end_of_100k_rows_is_reported_before_training(tiny_mo
     data_scale.write_rows(bad, 100_000, bad_line=99_999)
     proc = run_cli("--quiet", "train", "--model", tiny_model_dir, "--data", bad, "--output", tmp_path / "o", check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert last_line(proc.stderr) == (f"sftjuice train: error: {bad}:99999: 'completion': empty completion "
+    assert last_line(proc.stderr) == (f"sftjuice train: error: {bad}:99999: field 'completion': empty completion "
                                       "(use --skip-invalid to skip such rows)")
     assert not (tmp_path / "o").exists()
     assert len(load_demonstrations(bad, skip_invalid=True)) == 99_999

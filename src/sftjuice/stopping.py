@@ -53,7 +53,8 @@ def resume_command() -> str:
         skip = a.split("=")[0] in ("--resume", "--overwrite")
         if not skip:
             args.append(a)
-    return shlex.join(args + ["--resume"])
+    launcher = "accelerate launch <as before> " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+    return launcher + shlex.join(args + ["--resume"])
 
 
 _received: int | None = None  # the first stop signal this process received
