@@ -157,3 +157,10 @@ def unlock_output(output: Path) -> None:
     fd = _locks.pop(os.path.realpath(output), None)
     if fd is not None:
         os.close(fd)
+
+
+def release(output) -> None:
+    """What a run holds while it trains: the signal handlers and the folder's lock."""
+    uninstall_stop_handlers()
+    if output is not None:
+        unlock_output(Path(output))

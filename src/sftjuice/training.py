@@ -37,7 +37,7 @@ from .data import ChatFormat, Demonstration, Example, collate, collate_shared, l
 from .progress import bar as progress_bar
 from .models import load_policy, load_tokenizer, resolve_model, save_model, stop_token_ids
 from .stopping import DIVERGED, FOLDER_IN_USE, LOCK, PREEMPTED, RunStopped, install_stop_handlers, lock_output, \
-    resume_command, signal_received, uninstall_stop_handlers, unlock_output
+    release, resume_command, signal_received
 from .storage import MetricsLog, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -383,8 +383,7 @@ class Run:
         for tracker in self.accelerator.trackers:  # flush --report-to files
             tracker.finish()
         self.accelerator.wait_for_everyone()
-        uninstall_stop_handlers()
-        unlock_output(self.output)
+        release(self.output)
         return final
 
 
