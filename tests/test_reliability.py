@@ -142,8 +142,9 @@ def test_a_running_run_refuses_a_resume_and_a_killed_ones_lock_does_not(tiny_mod
     while not (out / "checkpoints/step-0000002").exists():
         assert first.poll() is None and time.time() < deadline, first.stderr.read()[-3000:]
         time.sleep(0.05)
+    first.send_signal(signal.SIGSTOP)  # paused, it holds the lock however long the second takes to start
     second = run_cli(*args, "--resume", check=False)
-    assert second.returncode == FOLDER_IN_USE
+    assert second.returncode == FOLDER_IN_USE, second.stderr[-3000:]
     assert f"is in use by another run (pid {first.pid})" in last_line(second.stderr)
     first.kill()
     first.wait()
