@@ -359,6 +359,10 @@ OPTION_CASES = [
     OptionCase("generate-temperature-negative", lambda c: c.generate("--temperature", "-0.5"), ("--temperature",)),
     OptionCase("generate-max-new-tokens-zero", lambda c: c.generate("--max-new-tokens", "0"), ("--max-new-tokens",)),
     OptionCase("generate-num-samples-zero", lambda c: c.generate("--num-samples", "0"), ("--num-samples",)),
+    # reliability options
+    OptionCase("train-max-bad-steps-zero", lambda c: c.train("--max-bad-steps", "0"), ("--max-bad-steps 0", "must be >= 1")),
+    OptionCase("train-max-bad-steps-float", lambda c: c.train("--max-bad-steps", "2.5"), ("--max-bad-steps", "expected int")),
+    OptionCase("train-max-bad-steps-yaml", lambda c: c.train("--config", c.config("max_bad_steps: -1\n")), ("--max-bad-steps -1",)),
 ]
 assert len(OPTION_CASES) >= 15
 

@@ -18,5 +18,9 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, data=None) -> Path:
     """Train with ``cfg``'s method (``cfg`` is an ``SFTConfig``, ``IRFTConfig``, ...); returns
     the ``final/`` directory, which ``AutoModelForCausalLM.from_pretrained`` loads."""
     from .algorithms import METHODS
+    from .stopping import release
 
-    return METHODS[cfg.method](cfg, model=model, tokenizer=tokenizer, data=data)
+    try:
+        return METHODS[cfg.method](cfg, model=model, tokenizer=tokenizer, data=data)
+    finally:  # ended, failed or stopped: the caller gets its signal handlers back, and the folder is free
+        release(cfg.output)

@@ -83,6 +83,21 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"sftjuice: unknown command '{command}'\n\n{USAGE}", file=sys.stderr)
         return 2
+    from . import stopping
+
+    if command == "train":  # before torch loads: a stop signal during start-up stops the run too
+        stopping.COMMAND_LINE = ["sftjuice", *argv]  # for the --resume command a stopped run prints
+        stopping.install_stop_handlers()
+    try:
+        return _run(command, rest, quiet)
+    except stopping.RunStopped as e:  # a stop signal, divergence, a folder in use: one line, a status of its own
+        print(f"sftjuice {command}: {' '.join(str(e).split())}", file=sys.stderr)
+        return e.status
+    finally:
+        stopping.uninstall_stop_handlers()  # an in-process caller gets its handlers back
+
+
+def _run(command: str, rest: list[str], quiet: bool) -> int:
     rank = int(os.environ.get("RANK", "0"))
     from . import progress
 

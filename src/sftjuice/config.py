@@ -131,6 +131,8 @@ class TrainConfig(ModelConfig, DataConfig):
     overwrite: bool = _f(False, "delete what --output holds and start afresh")
     merge_lora: bool = _f(False, "with --lora: also write the merged model to OUTPUT/merged/")
     log_every: int = _f(1, "append metrics every N optimiser steps", ge=1)
+    max_bad_steps: int = _f(3, "stop after this many optimiser steps in a row with a non-finite loss or gradient norm "
+                            "(each is skipped: it never reaches the weights)", ge=1)
     report_to: Literal["none", "tensorboard", "wandb"] = _f(
         "none", "also log metrics.jsonl's numbers through accelerate's tracker (TensorBoard: OUTPUT/sftjuice/; W&B: honours WANDB_MODE)")
 

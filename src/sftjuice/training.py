@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,9 +36,45 @@ from .config import SamplingConfig, SftjuiceError, TrainConfig, config_dict, fla
 from .data import ChatFormat, Demonstration, Example, collate, collate_shared, load_demonstrations
 from .progress import bar as progress_bar
 from .models import load_policy, load_tokenizer, resolve_model, save_model, stop_token_ids, use_bf16
+from .stopping import DIVERGED, FOLDER_IN_USE, LOCK, PREEMPTED, RunStopped, install_stop_handlers, lock_output, \
+    release, resume_command, signal_received
 from .storage import MetricsLog, atomic_write_text
 
 log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------ checkpoint files
+
+CHECKPOINT_FILES = "files.json"  # a checkpoint's files and sizes, the last file written
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint folder ``path`` is not whole (a file missing, cut or unreadable), or
+    None. Checkpoints written before ``files.json`` existed are judged by loading them."""
+    try:
+        json.loads((path / "trainer_state.json").read_text())
+        listed = json.loads((path / CHECKPOINT_FILES).read_text()) if (path / CHECKPOINT_FILES).exists() else {}
+    except FileNotFoundError as e:
+        return f"{Path(e.filename).name} is missing"
+    except (OSError, ValueError) as e:
+        return f"unreadable: {' '.join(str(e).split())[:120]}"
+    for name, size in listed.items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size} bytes, {size} were written"
+    return None
+
+
+def _remove_dir(path: Path) -> None:
+    """Rename, then delete: a kill during the deletion leaves a hidden folder, never a
+    checkpoint with some of its files."""
+    if path.exists():
+        gone = path.with_name(f".{path.name}.removing")
+        shutil.rmtree(gone, ignore_errors=True)
+        os.replace(path, gone)
+        shutil.rmtree(gone, ignore_errors=True)
 
 
 def chunks(items: list, size: int) -> list[list]:
@@ -103,18 +140,24 @@ class Learner:
                 acc.backward(loss_sum * run.world / total)
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0) + v.detach().float()
-        grad_norm = None
-        if run.cfg.max_grad_norm > 0:
-            grad_norm = acc.clip_grad_norm_(self.model.parameters(), run.cfg.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        # the norm of the synchronised gradient (an infinite max_norm measures without clipping:
+        # the gradient is multiplied by exactly 1)
+        grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), run.cfg.max_grad_norm or math.inf))
         keys = sorted(sums)
         summed = acc.reduce(torch.stack([sums[k] for k in keys]).to(acc.device), "sum") if keys else []
         out = {k: float(v) / total for k, v in zip(keys, summed)}
+        # Both numbers are reduced over processes, so every process takes the same decision: a
+        # non-finite loss or gradient never reaches the weights or AdamW's moments; the
+        # schedule moves on, as for any planned step (Run.after_step counts and stops).
+        finite = math.isfinite(grad_norm) and math.isfinite(out.get("loss", 0.0))
+        if finite:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
         out["lr"] = self.scheduler.get_last_lr()[0]
-        if grad_norm is not None:
-            out["grad_norm"] = float(grad_norm)
+        out["grad_norm"] = grad_norm
+        if not finite:
+            out.update(skipped=1, nonfinite=1)
         return out
 
 
@@ -171,6 +214,10 @@ class Run:
     bf16: bool = False  # --bf16 as decided when the run started (auto: measured on this machine)
     learners: list[Learner] = field(default_factory=list)
     started: float = field(default_factory=time.time)
+    last_checkpoint: Path | None = None
+    unsaved_steps: int = 0  # optimiser steps since the last checkpoint
+    bad_in_row: int = 0  # non-finite steps in a row (each skipped)
+    stopping: bool = False  # every process agreed to stop at the next checkpoint
 
     @property
     def is_main(self) -> bool:
@@ -213,6 +260,8 @@ class Run:
         """A line of metrics.jsonl, and the same numbers to the ``--report-to`` tracker, under
         ``train/`` for optimiser steps (``reward/``, ``policy/`` for RFT's two phases) and
         ``<event>/`` for per-round records."""
+        # a non-finite number becomes null (JSON has none); a "nonfinite" event says which
+        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
         if self.is_main:
             self.metrics.write({**record, "time": round(time.time() - self.started, 2)})
         if self.cfg.report_to != "none":
@@ -229,36 +278,94 @@ class Run:
     def checkpoint_dir(self) -> Path:
         return self.output / "checkpoints"
 
+    def after_step(self, step: int, stats: dict) -> bool:
+        """Every method calls this after each optimiser step, on every process. It counts the
+        steps :meth:`Learner.step` skipped as non-finite, logging each, and stops the run after
+        ``--max-bad-steps`` in a row; it returns whether to checkpoint now: on ``--save-every``,
+        or to stop on a signal (then :meth:`save_checkpoint` ends the run)."""
+        self.unsaved_steps += 1
+        if stats.get("nonfinite"):
+            self.bad_in_row += 1
+            what = [f"{k} {stats[k]}" for k in ("loss", "grad_norm") if k in stats and not math.isfinite(stats[k])]
+            self.log_metrics({"step": step, "event": "nonfinite", "reason": ", ".join(what), "in_a_row": self.bad_in_row})
+            if self.bad_in_row >= self.cfg.max_bad_steps:
+                raise RunStopped(
+                    f"diverged at step {step}: {self.bad_in_row} optimiser steps in a row with a non-finite loss or "
+                    f"gradient norm ({', '.join(what)}; --max-bad-steps {self.cfg.max_bad_steps}; each was skipped, so the weights are step "
+                    f"{step - self.bad_in_row}'s); last good checkpoint: {self.last_checkpoint or 'none'}. Usual causes: "
+                    f"--learning-rate {self.cfg.learning_rate:g} too high, or bf16 overflow (--bf16 {str(self.cfg.bf16).lower()})",
+                    DIVERGED)
+        else:
+            self.bad_in_row = 0
+        return bool(self.cfg.save_every and step % self.cfg.save_every == 0) or self.stop_requested()
+
+    def stop_requested(self) -> bool:
+        """Whether a stop signal reached any process: the flag is summed over the processes
+        after every step, so all of them stop after the same one."""
+        if not self.stopping:
+            flag = torch.tensor(float(signal_received() is not None), device=self.accelerator.device)
+            self.stopping = (self.accelerator.reduce(flag, "sum").item() if self.world > 1 else flag.item()) > 0
+        return self.stopping
+
     def save_checkpoint(self, state: dict) -> None:
         """Every learner's model, optimiser and schedule, the RNG states and ``state``, written
-        atomically: a kill leaves the previous checkpoint whole."""
+        atomically: a kill leaves the previous checkpoint whole. After a stop signal, the
+        run ends here (:class:`RunStopped`)."""
         acc = self.accelerator
         final = self.checkpoint_dir / f"step-{state['step']:07d}"
         tmp = final.with_name(f".{final.name}.tmp")
         if self.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
+            for junk in self.checkpoint_dir.glob(".step-*"):  # what a kill left
+                shutil.rmtree(junk, ignore_errors=True)
         acc.wait_for_everyone()
         acc.save_state(str(tmp), safe_serialization=True)
+        acc.wait_for_everyone()  # every process's files (its RNG state) are in before the listing
         if self.is_main:
             atomic_write_text(tmp / "trainer_state.json", json.dumps(state, indent=1))
-            shutil.rmtree(final, ignore_errors=True)
+            atomic_write_text(tmp / CHECKPOINT_FILES, json.dumps(
+                {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}, indent=1))
+            _remove_dir(final)
             os.replace(tmp, final)
             for old in sorted(self.checkpoint_dir.glob("step-*"))[: -self.cfg.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
+                _remove_dir(old)
         acc.wait_for_everyone()
+        self.last_checkpoint, self.unsaved_steps = final, 0
+        if self.stop_requested():
+            name = signal.Signals(signal_received()).name if signal_received() else "a stop signal (to another process)"
+            raise RunStopped(f"{name}: stopped after step {state['step']}, saved {final}; continue with: "
+                             f"{resume_command()}", PREEMPTED)
 
     def resume(self) -> dict:
-        """Restore the last checkpoint (with ``--resume``); returns its state, ``{"step": 0}``
-        on a fresh start."""
-        found = sorted(self.checkpoint_dir.glob("step-*")) if self.cfg.resume else []
-        if not found:
+        """Restore the newest whole checkpoint (with ``--resume``); returns its state,
+        ``{"step": 0}`` on a fresh start. A damaged checkpoint (a file missing or cut, or one
+        that does not load) is named in one line and an earlier one is loaded instead; if none
+        is whole, the run stops: it never trains from a half-loaded state (a load that failed
+        part way is overwritten whole by the next one)."""
+        found = sorted(self.checkpoint_dir.glob("step-*"), reverse=True) if self.cfg.resume else []
+        damaged = []
+        for path in found:
+            problem = checkpoint_problem(path)
+            if problem is None:
+                try:
+                    self.accelerator.load_state(str(path))
+                except Exception as e:  # noqa: BLE001 - a file cut or corrupted in a way its size does not show
+                    problem = f"does not load: {' '.join(str(e).split())[:120]}"
+            if problem is None:
+                break
+            damaged.append(path)
+            log.warning("--resume: %s is damaged (%s); trying the checkpoint before it", path, problem)
+        else:
+            if damaged:
+                raise SftjuiceError(
+                    f"--resume: no whole checkpoint in {self.checkpoint_dir} (all {len(damaged)} damaged, the newest: "
+                    f"{damaged[0].name}): start afresh with --overwrite, or put back a whole checkpoint")
             if self.cfg.resume:  # killed before its first checkpoint: the run starts over, and so does its log
                 self.metrics.truncate_after(-1)
             return {"step": 0}
-        self.accelerator.load_state(str(found[-1]))
-        state = json.loads((found[-1] / "trainer_state.json").read_text())
+        state = json.loads((path / "trainer_state.json").read_text())
         self.metrics.truncate_after(state["step"])
-        log.info("resumed from %s (step %d)", found[-1], state["step"])
+        self.last_checkpoint = path
+        log.log(logging.WARNING if damaged else logging.INFO, "resumed from %s (step %d)", path, state["step"])
         return state
 
     def finish(self) -> Path:
@@ -271,6 +378,7 @@ class Run:
         for tracker in self.accelerator.trackers:  # flush --report-to files
             tracker.finish()
         self.accelerator.wait_for_everyone()
+        release(self.output)
         return final
 
 
@@ -278,7 +386,7 @@ class Run:
 
 MANIFEST = "manifest.json"
 # options that may change between a run and its resumption
-RESUMABLE_CHANGES = {"resume", "overwrite", "log_every"}
+RESUMABLE_CHANGES = {"resume", "overwrite", "log_every", "max_bad_steps"}
 
 
 # a run may be resumed for more of these: its rounds and batches so far do not depend on how
@@ -302,7 +410,8 @@ def check_output(output: Path, cfg: TrainConfig, manifest: dict) -> None:
     """An output folder belongs to one run. A new run refuses a folder that holds anything
     unless ``--overwrite`` (which empties it); ``--resume`` continues only the run that the
     folder's manifest describes, and lists what differs otherwise."""
-    used = output.exists() and any(not p.name.endswith(".tmp") for p in output.iterdir())  # a kill's leftovers aside
+    used = output.exists() and any(not p.name.endswith(".tmp") and p.name != LOCK  # a kill's leftovers and the lock aside
+                                   for p in output.iterdir())
     if not used or cfg.overwrite:
         return
     if not cfg.resume:
@@ -326,7 +435,9 @@ def check_output(output: Path, cfg: TrainConfig, manifest: dict) -> None:
 def claim_output(output: Path, cfg: TrainConfig, manifest: dict) -> None:
     """Main process: empty the folder on ``--overwrite``, write the manifest and config."""
     if cfg.overwrite and output.exists():
-        shutil.rmtree(output)
+        for p in output.iterdir():
+            if p.name != LOCK:  # this run's
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
     output.mkdir(parents=True, exist_ok=True)
     atomic_write_text(output / MANIFEST, json.dumps(manifest, indent=1))
     save_config(cfg, output / "config.yaml")
@@ -367,6 +478,18 @@ def start_run(cfg: TrainConfig, model=None, tokenizer=None, data=None) -> Run:
     else:
         path, model_fp = Path(model.name_or_path), weights_fingerprint(model)
     manifest = {**manifest_of(cfg, data_fp, model_fp), "precision": "bf16" if bf16 else "fp32"}
+    busy = None
+    if accelerator.is_main_process:
+        try:
+            lock_output(output)
+        except RunStopped as e:
+            busy = str(e)
+    if accelerator.num_processes > 1:  # every process stops, not only the one that tried the lock
+        from accelerate.utils import broadcast_object_list
+
+        busy = broadcast_object_list([busy])[0]
+    if busy:
+        raise RunStopped(busy, FOLDER_IN_USE)
     check_output(output, cfg, manifest)
     accelerator.wait_for_everyone()  # every process checked before the main one writes
     if accelerator.is_main_process:
@@ -382,8 +505,10 @@ def start_run(cfg: TrainConfig, model=None, tokenizer=None, data=None) -> Run:
     log.info("%s: %d demonstrations, model %s%s, %d process(es), %d prompts a step", cfg.method, len(examples),
              getattr(model, "name_or_path", cfg.model), " + LoRA" if cfg.lora else "", accelerator.num_processes,
              cfg.per_device_batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes)
-    return Run(cfg, accelerator, model, tokenizer, chat, demos, examples, output,
-               MetricsLog(output / "metrics.jsonl", enabled=accelerator.is_main_process), bf16=bf16)
+    run = Run(cfg, accelerator, model, tokenizer, chat, demos, examples, output,
+              MetricsLog(output / "metrics.jsonl", enabled=accelerator.is_main_process), bf16=bf16)
+    install_stop_handlers(run)
+    return run
 
 
 def steps_for(n_items: int, batch_size: int, epochs: float) -> tuple[int, int]:

@@ -134,8 +134,8 @@ def train_passes(run: Run, learner, items: list, r: int, passes: int, micro_loss
                  extra=None, checkpoints: bool = True) -> int:
     """``passes`` passes over a round's items (whole prompts) in shuffled global batches, one
     optimiser step each: steps a resumed run already took are counted, not run; every step
-    is logged (with ``extra(batch)``'s numbers); ``--save-every`` checkpoints inside the round
-    record pi_t. Returns the step count after them."""
+    is logged (with ``extra(batch)``'s numbers); checkpoints inside the round (``--save-every``,
+    a stop signal) record pi_t. Returns the step count after them."""
     cfg = run.cfg
     for k in range(passes):
         for batch in batches(run, len(items), r, first_pass + k):
@@ -148,7 +148,7 @@ def train_passes(run: Run, learner, items: list, r: int, passes: int, micro_loss
                 run.log_metrics({"step": step, "round": r, **({"phase": phase} if phase else {}), "pass": k, **stats})
             bar.update(1)
             bar.set_postfix(round=r, **{phase or "loss": f"{stats.get('loss', float('nan')):.4f}"})
-            if checkpoints and cfg.save_every and step % cfg.save_every == 0 and step != round_end:
+            if run.after_step(step, stats) and checkpoints and step != round_end:
                 run.save_checkpoint({"step": step, "round": r, "round_policy": pi_t})
     return step
 

@@ -289,14 +289,15 @@ def train_pairs(run: Run, policy: Learner, items: list[Pairs], r: int, micro_los
             n = pairs_in(chosen)
             if n:
                 stats = policy.step(chosen, micro_loss, pairs_in, length=len)
-                sums = {**sums, "pairs": sums["pairs"] + n, **{s: sums[s] + stats[s] * n for s in TRAIN_SUMS}}
+                if not stats.get("nonfinite"):  # a skipped step does not count in the round's means
+                    sums = {**sums, "pairs": sums["pairs"] + n, **{s: sums[s] + stats[s] * n for s in TRAIN_SUMS}}
                 if step % cfg.log_every == 0:
                     run.log_metrics({"step": step, "round": r, "pass": k, "pairs": n, **stats})
                 bar.set_postfix(round=r, loss=f"{stats['loss']:.4f}", margin=f"{stats['margin']:.3f}")
             else:  # every prompt of the batch drew a single response: nothing to learn
                 sums = {**sums, "skipped": sums["skipped"] + 1}
             bar.update(1)
-            if cfg.save_every and step % cfg.save_every == 0 and step != round_end:
+            if run.after_step(step, stats if n else {}) and step != round_end:
                 run.save_checkpoint({"step": step, "round": r, "round_policy": pi_sft, "round_sums": sums})
     return sums
 

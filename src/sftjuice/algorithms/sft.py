@@ -56,7 +56,7 @@ def train(cfg: SFTConfig, model=None, tokenizer=None, data=None,
         bar.set_postfix(loss=f"{stats['loss']:.4f}")
         end_of_epoch = (step + 1) % per_epoch == 0 or step + 1 == total
         stop = bool(end_of_epoch and on_epoch_end and on_epoch_end(math.ceil((step + 1) / per_epoch), run))
-        if end_of_epoch or (cfg.save_every and (step + 1) % cfg.save_every == 0):
+        if run.after_step(step + 1, stats) or end_of_epoch:
             run.save_checkpoint({"step": step + 1})
         if stop:
             break

@@ -444,12 +444,13 @@ def _train(cfg: VerifiedConfig, model=None, tokenizer=None, data=None) -> Path:
             if step <= state["step"]:
                 continue
             stats = policy.step([groups[i] for i in batch], micro_loss, weight, length=len)
-            ran.append({k: stats[k] for k in ("loss", "margin") if k in stats})
+            if not stats.get("nonfinite"):  # a skipped step does not count in the round's means
+                ran.append({k: stats[k] for k in ("loss", "margin") if k in stats})
             if step % cfg.log_every == 0:
                 run.log_metrics({"step": step, "round": r, **stats})
             bar.update(1)
             bar.set_postfix(round=r, loss=f"{stats['loss']:.4f}")
-            if cfg.save_every and step % cfg.save_every == 0 and step != start + steps:
+            if run.after_step(step, stats) and step != start + steps:
                 run.save_checkpoint({"step": step, "round": r, "round_policy": pi_t, "round_stats": ran})
         for _ in range(start + steps - step):  # the planned steps this round had no prompts for
             policy.scheduler.step()
