@@ -123,3 +123,52 @@ def test_irft_sampled_by_vllm_syncs_weights_and_trains_on_the_policys_logprobs(
             for s, f in zip(row["samples"], fresh):
                 assert s["token_ids"] and len(s["token_logprobs"]) == len(f)
                 torch.testing.assert_close(torch.tensor(s["token_logprobs"]), f, atol=1e-5, rtol=0)
+
+
+def two_sample_chi2_pvalue(a: torch.Tensor, b: torch.Tensor, min_count: int = 10) -> float:
+    """p-value of the chi-square test that two sets of draws come from one distribution;
+    tokens drawn fewer than ``min_count`` times in all share one bin."""
+    tokens, counts = torch.cat([a, b]).unique(return_counts=True)
+    common = tokens[counts >= min_count]
+    table = torch.stack([torch.cat([(x[:, None] == common).sum(0), (~torch.isin(x, common)).sum()[None]])
+                         for x in (a, b)]).double()
+    table = table[:, table.sum(0) > 0]
+    expected = table.sum(1, keepdim=True) * table.sum(0, keepdim=True) / table.sum()
+    stat = ((table - expected) ** 2 / expected).sum()
+    return torch.special.gammaincc(torch.tensor((table.shape[1] - 1) / 2), stat / 2).item()
+
+
+@needs_vllm[0]
+@needs_vllm[1]
+def test_vllm_and_the_torch_sampler_draw_from_one_distribution(tmp_path, tokenizer):
+    """3,000 first tokens from each sampler at temperature 1 and at top-p 0.9, from a tiny model
+    whose head is scaled up so that ~60 tokens carry 90% of the mass. Threshold: p > 0.001
+    (a false alarm once in 1,000 runs; the seeds are fixed, so a pass is reproducible); the
+    same test tells temperature-1 draws from top-p-0.9 ones apart (p < 0.001)."""
+    from transformers import AutoModelForCausalLM
+
+    model = build_tiny_model(tokenizer, seed=5, tie_word_embeddings=False, **HEADS)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path).eval()  # name_or_path: the engine loads it from there
+    prompt, n, eos = [1, 504, 2634, 30, 17], 3000, tokenizer.eos_token_id
+    with torch.no_grad():
+        probs = model(torch.tensor([prompt])).logits[0, -1].softmax(-1)
+    sorted_p, order = probs.sort(descending=True)
+    nucleus = set(order[sorted_p.cumsum(0) - sorted_p < 0.9].tolist())
+    assert 20 < len(nucleus) < 2000 and sorted_p[0] < 0.5  # neither near-greedy nor near-uniform
+
+    def draws(backend, top_p):
+        cfg = SamplingConfig(temperature=1.0, top_p=top_p, max_new_tokens=1, generation_batch_size=500,
+                             generation_backend=backend)
+        out = generation.sample(model, [prompt], cfg, [eos], tokenizer.pad_token_id, seed=7, num_samples=n,
+                                progress=False)
+        return torch.tensor([s.token_ids[0] for s in out[0]])
+
+    drawn = {(backend, top_p): draws(backend, top_p) for backend in ("torch", "vllm") for top_p in (1.0, 0.9)}
+    for top_p in (1.0, 0.9):
+        assert two_sample_chi2_pvalue(drawn["torch", top_p], drawn["vllm", top_p]) > 1e-3
+    assert set(drawn["vllm", 0.9].tolist()) <= nucleus
+    assert two_sample_chi2_pvalue(drawn["torch", 1.0], drawn["vllm", 0.9]) < 1e-3
