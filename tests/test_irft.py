@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from sftjuice.config import IRFTConfig, ModelConfig, SamplingConfig, SftjuiceError
 from sftjuice.data import ChatFormat, collate
 from sftjuice.generation import sample
-from sftjuice.config import parse_args
 from sftjuice.losses import irl_pair_loss, margin_loss
 from sftjuice.models import load_policy, load_tokenizer
 from sftjuice.storage import read_jsonl
@@ -96,18 +95,6 @@ def test_a_sample_does_not_depend_on_the_prompts_it_shares_a_batch_with(tokenize
         assert [s.token_ids for s in alone] == [s.token_ids for s in together[i]]
         for a, b in zip(alone, together[i]):
             assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5)
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU side of the backend seam")
-def test_vllm_only_when_asked_for_and_missing_is_one_line(tokenizer):
-    from sftjuice.generation import use_vllm
-
-    assert not use_vllm(SamplingConfig())  # the default is the in-process sampler
-    with pytest.raises(SftjuiceError, match="needs the vllm package and a CUDA GPU"):
-        sample(build_tiny_model(tokenizer), [[1, 2]], SamplingConfig(generation_backend="vllm"),
-               [tokenizer.eos_token_id], tokenizer.pad_token_id, seed=0, progress=False)
-    with pytest.raises(SftjuiceError, match="--generation-backend 'auto': must be one of torch, vllm"):
-        parse_args(IRFTConfig, ["--generation-backend", "auto"], prog="t")
 
 
 @pytest.mark.parametrize(

@@ -106,7 +106,7 @@ class SamplingConfig(Checked):
     # README "What it found"); the cache costs ~0.9 GB for 64 rows of 300 positions of it
     generation_batch_size: int = _f(64, "sequences decoded together", ge=1)
     generation_backend: Literal["torch", "vllm"] = _f(
-        "torch", "sampling engine: the in-process KV-cache sampler, or vLLM (needs the vllm package and a CUDA GPU)")
+        "torch", "sampling engine: the in-process KV-cache sampler, or vLLM (needs the vllm package; README: vLLM)")
     vllm_gpu_memory_utilization: float = _f(0.3, "vLLM: share of GPU memory for its engine (it shares the GPU with training)", gt=0, le=1)
 
 

