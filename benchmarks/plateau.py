@@ -80,6 +80,14 @@ ARMS: dict[str, Arm] = {
     "steps-response": Arm("steps", {"rounds": 2, "sft_weight": 1.0, "credit": "response"}, PAIR_LRS),
 }
 BASELINE = "sft"  # continued SFT from SFT-best
+# The arms each task runs by default (--arms overrides). round_number asks the paper's
+# question (demonstrations only: irft, spin, rft; rest as the verifier floor); its one-line
+# answers leave per-step credit nothing to cut, so steps runs where answers have steps.
+# multistep_arithmetic (30% wrong steps) asks whether verified self-samples correct bad
+# demonstrations (rest, steps, steps-response), beside irft and spin; rft (~7 SFT epochs of
+# compute an epoch) joins there only if the budget allows.
+TASK_ARMS = {"numbers__round_number": ["sft", "irft", "spin", "rft", "rest"],
+             "multistep_arithmetic": ["sft", "irft", "spin", "rest", "steps", "steps-response"]}
 # --estimate before an arm has run: its training epoch in SFT epochs (the quality benchmark's
 # one-epoch stages at 128 demonstrations), and each epoch's start-up (loading, reference models)
 ARM_COST = {"sft": 1.0, "irft": 2.5, "spin": 3.5, "rft": 7.0, "rest": 2.5, "steps": 8.0, "steps-response": 4.0}
@@ -350,6 +358,10 @@ def test_eval(work: Path, task: str, seed: int, name: str, trial: int) -> dict:
     return json.loads(path.read_text())
 
 
+def arms_of(args, task: str) -> list[str]:
+    return args.arms or TASK_ARMS[task]
+
+
 def arm_units(task: str, arms: list[str], seeds: int) -> list[tuple[str, int, str, int | None]]:
     """("tune", 0, arm, trial) for every trial on seed 0, then ("arm", seed, arm, None) per seed for
     the chosen trial (seed 0's is its tuning run) with its test evaluation."""
@@ -359,7 +371,7 @@ def arm_units(task: str, arms: list[str], seeds: int) -> list[tuple[str, int, st
 
 def run_arms(args, task: str) -> None:
     started = time.time()
-    for kind, seed, name, trial in arm_units(task, args.arms, args.seeds):
+    for kind, seed, name, trial in arm_units(task, arms_of(args, task), args.seeds):
         if not (args.work / task / f"seed{seed}" / "sft-best-fp32" / "done.json").exists():
             print(f"{task} seed {seed}: SFT-best has not run yet (--stage sft-best first)")
             return
@@ -434,7 +446,7 @@ def report(args) -> None:
         for t, s, p in planned:
             if t == task:
                 lines.append(f"| sft-best | seed {s}, {p} | {'done' if (t, s, p) in ran else 'to run'} |")
-        for kind, seed, name, trial in arm_units(task, args.arms, args.seeds):
+        for kind, seed, name, trial in arm_units(task, arms_of(args, task), args.seeds):
             unit = args.work / task / f"seed{seed}" / (f"arm-{name}-t{trial}" if kind == "tune" else "")
             ran_it = (unit / "done.json").exists() if kind == "tune" else tested(args.work, task, seed, name)
             what = f"{name} trial {trial}" if kind == "tune" else f"{name}, seed {seed}"
@@ -481,7 +493,7 @@ def report(args) -> None:
                        "test": f"{task}.test.jsonl (500) + train rows {EXTRA_TEST[0]}-{EXTRA_TEST[1] - 1}"},
             "stages": {"sft-best": {f"seed{s}-{p}": (t, s, p) in ran for t, s, p in planned if t == task}},
             "arms": {n: {"method": a.method, "fixed": a.fixed, "trials": a.trials, "max_epochs": a.max_epochs}
-                     for n, a in ARMS.items() if n in args.arms},
+                     for n, a in ARMS.items() if n in arms_of(args, task)},
             "sft_best": mine, "trials": trials, "results": arm_results})
         if mine:
             series = [(f"seed {d['seed']} {d['precision']}", [e["epoch"] for e in d["curve"]],
@@ -505,7 +517,7 @@ def arm_tables(args, task: str) -> tuple[list[dict], list[dict]]:
     from sftjuice.stats import paired_bootstrap_difference
 
     trials = []
-    for name in args.arms:
+    for name in arms_of(args, task):
         chosen = chosen_trial(args.work, task, name)
         for t in range(len(ARMS[name].trials)):
             path = args.work / task / "seed0" / f"arm-{name}-t{t}" / "done.json"
@@ -517,9 +529,9 @@ def arm_tables(args, task: str) -> tuple[list[dict], list[dict]]:
                            "val NLL": f"{d['validation_nll']:.4f}", "steps": d["steps"], "train s": f"{d['train_seconds']:.0f}",
                            "curve": " ".join(f"{e['epoch']}:{e['accuracy']:.0%}" for e in d["curve"]),
                            "chosen": "yes" if t == chosen else ""})
-    seeds = {name: [s for s in range(args.seeds) if tested(args.work, task, s, name)] for name in args.arms}
+    seeds = {name: [s for s in range(args.seeds) if tested(args.work, task, s, name)] for name in arms_of(args, task)}
     out = []
-    for name in args.arms:
+    for name in arms_of(args, task):
         if not seeds[name]:
             continue
         runs = [json.loads((args.work / task / f"seed{s}" / f"arm-{name}-t{chosen_trial(args.work, task, name)}"
@@ -591,7 +603,7 @@ def estimate(args) -> None:
         print(f"stage arms, {task} (per epoch: SFT {sft_epoch:.0f} s, validation {val_epoch:.0f} s, start-up "
               f"{ARM_STARTUP:.0f} s; {epochs:.1f} epochs a trial)")
         task_total = 0.0
-        for kind, seed, name, trial in arm_units(task, args.arms, args.seeds):
+        for kind, seed, name, trial in arm_units(task, arms_of(args, task), args.seeds):
             unit = args.work / task / f"seed{seed}" / (f"arm-{name}-t{trial}" if kind == "tune" else "")
             if (unit / "done.json").exists() if kind == "tune" else tested(args.work, task, seed, name):
                 continue
@@ -611,7 +623,7 @@ def main() -> None:
     ap.add_argument("--stage", choices=["sft-best", "arms"],
                     help="run (or resume) a stage, then report: sft-best, or arms (the tuning trials on seed 0, "
                          "then the chosen trial of every arm on every seed, judged on the test prompts)")
-    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    ap.add_argument("--arms", nargs="+", choices=list(ARMS), help="default: each task's TASK_ARMS")
     ap.add_argument("--estimate", action="store_true", help="print the stages and their minutes, then exit")
     ap.add_argument("--report", action="store_true", help="rewrite the results files from what has run")
     ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
