@@ -97,3 +97,15 @@ def run_cli(*args: str, env: dict | None = None, check: bool = True, launcher: l
 
 def read_metrics(output: Path) -> list[dict]:
     return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+
+
+def per_token_nll(model, examples) -> float:
+    """Sum over ``examples`` of the completion's mean NLL per token, by a plain forward pass
+    of each full sequence: what an ``sft_weight`` term adds to a pair loss, per unit weight."""
+    total = 0.0
+    with torch.no_grad():
+        for e in examples:
+            logp = model(torch.tensor([e.prompt_ids + e.completion_ids])).logits[0].log_softmax(-1)
+            start = len(e.prompt_ids) - 1
+            total -= sum(logp[start + t, tok].item() for t, tok in enumerate(e.completion_ids)) / len(e.completion_ids)
+    return total

@@ -18,7 +18,7 @@ from sftjuice.models import load_policy, load_tokenizer
 from sftjuice.storage import read_jsonl
 from sftjuice.scoring import completion_logprobs, sequence_logprobs_of, singletons, token_logprobs_of
 
-from .conftest import REPO, build_tiny_model, read_metrics, run_cli, sort_rows, write_jsonl
+from .conftest import REPO, build_tiny_model, per_token_nll, read_metrics, run_cli, sort_rows, write_jsonl
 from .test_sft import assert_same_weights, kill_when
 
 
@@ -275,12 +275,7 @@ def test_sft_weight_adds_the_demonstrations_per_token_nll(tiny_model_dir, demo_f
         learner = run.learner(run.policy_model, cfg.learning_rate, 1)
         groups = [Group(e, [Completion([216, 34, 2], [-20.0])], demonstration_logprob=-30.0) for e in run.examples[:3]]
         losses[w] = pair_micro_loss(learner, cfg)(groups)[0].item()
-    with torch.no_grad():
-        nll = 0.0
-        for e in run.examples[:3]:
-            logp = run.policy(torch.tensor([e.prompt_ids + e.completion_ids])).logits[0].log_softmax(-1)
-            nll -= sum(logp[len(e.prompt_ids) + t - 1, tok].item() for t, tok in enumerate(e.completion_ids)) / len(e.completion_ids)
-    assert losses[0.5] - losses[0.0] == pytest.approx(0.5 * nll, rel=1e-4)
+    assert losses[0.5] - losses[0.0] == pytest.approx(0.5 * per_token_nll(run.policy, run.examples[:3]), rel=1e-4)
 
 
 def test_a_sample_equal_to_its_demonstration_is_left_out_of_the_loss_and_its_count(tiny_model_dir, demo_file, tmp_path):

@@ -18,7 +18,7 @@ import torch
 from sftjuice.algorithms.steps import first_pit, prefix_values, split_steps, step_ends, token_cuts
 from sftjuice.config import RestConfig, StepsConfig
 
-from .conftest import REPO, build_tiny_model, read_metrics, run_cli, write_jsonl
+from .conftest import REPO, build_tiny_model, per_token_nll, read_metrics, run_cli, write_jsonl
 from .test_sft import assert_same_weights, kill_when
 
 MULTISTEP = REPO / "src/sftjuice/demo_data/multistep_arithmetic.train.jsonl"
@@ -273,9 +273,4 @@ def test_sft_weight_adds_the_positives_per_token_nll(tiny_model_dir, multistep_f
     learner = run.learner(run.policy_model, cfg.learning_rate, 1)
     groups = [PairGroup(e, [list(e.completion_ids)], [[216, 34, 2]], [-30.0], [-20.0]) for e in run.examples[:3]]
     losses = {w: dpo_micro_loss(learner, cfg.beta, w)(groups)[0].item() for w in (0.0, 0.5)}
-    with torch.no_grad():
-        nll = 0.0
-        for e in run.examples[:3]:
-            logp = run.policy(torch.tensor([e.prompt_ids + e.completion_ids])).logits[0].log_softmax(-1)
-            nll -= sum(logp[len(e.prompt_ids) + t - 1, tok].item() for t, tok in enumerate(e.completion_ids)) / len(e.completion_ids)
-    assert losses[0.5] - losses[0.0] == pytest.approx(0.5 * nll, rel=1e-4)
+    assert losses[0.5] - losses[0.0] == pytest.approx(0.5 * per_token_nll(run.policy, run.examples[:3]), rel=1e-4)
