@@ -1,4 +1,4 @@
-"""IRFT / SPIN: sampler log-probs, the loss and its gradient, a round's effect, SPIN = IRFT, resume."""
+"""IRFT / SPIN: sampler log-probs, the loss and its gradient, a round's effect, SPIN = IRFT (kill and resume: test_resume.py)."""
 
 from __future__ import annotations
 

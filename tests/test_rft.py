@@ -1,5 +1,5 @@
 """RFT: reward loss, RLOO/KL/PPO-clip against hand values, a reward step, a policy step
-within its KL budget, the saved reward model, `reward score`, kill and resume."""
+within its KL budget, the saved reward model, `reward score` (kill and resume: test_resume.py)."""
 
 from __future__ import annotations
 

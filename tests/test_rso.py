@@ -1,5 +1,5 @@
 """RSO on tiny models: the losses through a model, the round file (candidates from the frozen
-start, acceptance, pairs), both rewards end to end, options, and an exact resume."""
+start, acceptance, pairs), both rewards end to end, options (kill and resume: test_resume.py)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""SFT: the loss against a hand computation, outputs, config, distributed and resumed runs."""
+"""SFT: the loss against a hand computation, outputs, config, distributed runs (kill and resume: test_resume.py)."""
 
 from __future__ import annotations
 

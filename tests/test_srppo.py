@@ -1,5 +1,5 @@
 """Self-Rewarding PPO: the reward against plain forward passes, the no-EOS penalty, finding
-pi_base from an SFT run, an end-to-end run, LoRA's pi_SFT, kill and resume."""
+pi_base from an SFT run, an end-to-end run, LoRA's pi_SFT (kill and resume: test_resume.py)."""
 
 from __future__ import annotations
 

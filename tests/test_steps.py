@@ -1,6 +1,6 @@
 """`--method steps` (per-step negatives) and `--method rest` (positive-only self-training) on
 the round engine: the token cut of a negative, what a round file holds, what `rest` trains
-on, both methods end to end from the command line, and a killed run resumed.
+on, both methods end to end from the command line (kill and resume: test_resume.py).
 
 The pure pieces (steps, prefix values, first pit) are tested in test_rso_steps_pieces.py."""
 
