@@ -1,9 +1,12 @@
-"""Shared fixtures: a tiny Llama built from a config, with the real SmolLM2 tokenizer."""
+"""Shared fixtures: a tiny Llama built from a config, with the real SmolLM2 tokenizer; the
+command line in a fresh process; the kill/resume harness."""
 
 from __future__ import annotations
 
 import json
 import os
+import random
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -109,3 +112,69 @@ def per_token_nll(model, examples) -> float:
             start = len(e.prompt_ids) - 1
             total -= sum(logp[start + t, tok].item() for t, tok in enumerate(e.completion_ids)) / len(e.completion_ids)
     return total
+
+
+# ------------------------------------------------------------------ kill and resume
+
+
+def untimed(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in m.items() if not k.endswith("seconds") and k != "time"} for m in records]
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=0)
+
+
+def assert_ends_as(out: Path, straight: Path) -> None:
+    """``out`` (stopped and resumed) ended as ``straight`` (never interrupted): the same weights
+    byte for byte (RFT's reward model too), round files and metrics."""
+    assert_same_weights(straight / "final", out / "final")
+    if (straight / "reward_model").exists():
+        assert_same_weights(straight / "reward_model", out / "reward_model")
+    for f in sorted(straight.glob("rounds/*/*.jsonl")):
+        assert (out / f.relative_to(straight)).read_text() == f.read_text(), f
+    assert untimed(read_metrics(out)) == untimed(read_metrics(straight))
+
+
+def round_files(out: Path) -> dict[Path, int]:
+    """When each round file under ``out`` was written (ns)."""
+    return {f: f.stat().st_mtime_ns for f in sorted(out.glob("rounds/*/*.jsonl"))}
+
+
+def kill_at_random_moments(args: list, out: Path, duration: float, seed: str, kills: int = 3,
+                           env: dict | None = None) -> int:
+    """Run ``args --output out`` (then ``--resume``) ``kills`` times, each SIGKILLed at a seeded
+    random moment of its life (start-up, sampling, a step, a checkpoint write) unless it ends
+    first; ``duration`` is an uninterrupted run's. A resumed run rewrites no round file an
+    earlier one wrote (it reads them back: no resampling). Returns how many were killed."""
+    rng = random.Random(seed)
+    killed = 0
+    for attempt in range(kills):
+        written = round_files(out)
+        cmd = [sys.executable, "-m", "sftjuice.cli", *map(str, args), "--output", str(out)] + (["--resume"] if attempt else [])
+        proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            # a resumed run has less left to do, so its moments come sooner (under load, three
+            # resumes at the first run's scale could all finish)
+            proc.wait(timeout=rng.uniform(0.2, 0.9) * duration / (1 + attempt))
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            killed += 1
+        else:
+            assert proc.returncode == 0, proc.stderr.read()[-3000:]
+        assert {f: t for f, t in round_files(out).items() if f in written} == written, "a resumed run resampled"
+    return killed
+
+
+def resume(args: list, out: Path, env: dict | None = None) -> None:
+    """``args --output out --resume`` to the end; it rewrites no round file (no resampling)."""
+    written = round_files(out)
+    run_cli(*args, "--output", out, "--resume", env=env)
+    assert {f: t for f, t in round_files(out).items() if f in written} == written, "the resumed run resampled"

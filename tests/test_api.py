@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import math
 import re
 
 import pytest
+import torch
 
 from sftjuice.cli import main
-from sftjuice.config import IRFTConfig, RFTConfig, SFTConfig, SPINConfig
+from sftjuice.config import SFTConfig
 
-from .conftest import REPO
+from .conftest import REPO, read_metrics, run_cli, write_jsonl
 
 
 def test_the_readme_example_runs(tiny_model_dir, demo_file, tmp_path, monkeypatch):
@@ -29,8 +32,6 @@ def test_the_readme_example_runs(tiny_model_dir, demo_file, tmp_path, monkeypatc
 
 def test_runs_of_either_precision_follow_each_other_in_one_process(tiny_model_dir, demo_file, tmp_path):
     """accelerate keeps one precision per process; a second train() with another --bf16 must still run in it."""
-    import json
-
     from sftjuice import train
 
     for precision in ("false", "true", "false"):
@@ -40,10 +41,36 @@ def test_runs_of_either_precision_follow_each_other_in_one_process(tiny_model_di
         assert steps and (out / "final" / "config.json").exists()
 
 
-@pytest.mark.parametrize("cls", [SFTConfig, IRFTConfig, SPINConfig, RFTConfig])
-def test_every_method_runs_with_no_tuning_flags(cls):
-    cfg = cls(data="d.jsonl", output="o")
-    assert cfg.method in ("sft", "irft", "spin", "rft")
+METHODS = ["sft", "irft", "spin", "rft", "srppo", "rso", "steps", "rest"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_runs_with_no_tuning_flags(method, wrong_task_model_dir, tmp_path):
+    """Only --model, --data and --output, as a user starts: --model is the final/ of an sftjuice
+    SFT run (whose manifest names its base, which srppo and rso's implicit reward need) and the
+    data is four rows of the task it learned, so its answers end and some verify (rest trains
+    on those; rso needs candidates whose rewards differ). Every default is the method's own."""
+    from safetensors.torch import load_file
+
+    rows = (REPO / "src/sftjuice/demo_data/numbers__place_value.train.jsonl").read_text().splitlines()[:4]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    out = tmp_path / "o"
+    args = ["train", "--method", method, "--model", wrong_task_model_dir, "--data", data, "--output", out]
+    if method == "rso":  # its default reward is a reward model, which no SFT run names: one line says so
+        refused = run_cli(*args, check=False)
+        assert refused.returncode == 2 and not out.exists()
+        assert refused.stderr.strip().splitlines()[-1] == (
+            "sftjuice train: error: --method rso needs --reward-model DIR (a sequence-classification reward with the "
+            "policy's tokenizer, e.g. an RFT run's OUTPUT/reward_model), or --reward implicit")
+        args += ["--reward", "implicit"]
+    done = run_cli(*args)
+    assert done.stdout.strip().splitlines()[-1] == f"trained model: {out / 'final'}"
+    assert json.loads((out / "manifest.json").read_text())["method"] == method
+    steps = [m for m in read_metrics(out) if "event" not in m]
+    assert steps and all(math.isfinite(m["loss"]) for m in steps)
+    start, end = load_file(wrong_task_model_dir / "model.safetensors"), load_file(out / "final/model.safetensors")
+    assert start.keys() == end.keys() and any(not torch.equal(start[k], end[k]) for k in start)  # it stepped
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -5,7 +5,7 @@ line and field) or the option.
 
 The corpus runs in-process (``sftjuice.cli.main(argv)``: an uncaught exception fails the
 test with its traceback); a handful of cases run as real processes to show that the
-process prints no traceback either. The last test prints a summary line.
+process prints no traceback either.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ GOOD = {"prompt": "Sort 2, 1.", "completion": "1, 2"}
 GOOD_CHAT = {"messages": [{"role": "user", "content": "Sort 3, 1."}, {"role": "assistant", "content": "1, 3"}]}
 COMMANDS = ("train", "generate", "eval", "reward")
 MAX_LINE = 300
-RESULTS: dict[str, set] = {"data": set(), "data_runs": set(), "option": set(), "tried_runs": set(), "tried_options": set()}
 
 
 def user(text="Sort 3, 1."):
@@ -208,14 +207,11 @@ def assert_one_line_error(code, stderr: str, *expected: str) -> str:
 
 @pytest.mark.parametrize("case, command", DATA_RUNS, ids=[f"{cmd}-{c.id}" for c, cmd in DATA_RUNS])
 def test_bad_data_is_one_line(case, command, corpus, tiny_model_dir, tmp_path, capsys):
-    RESULTS["tried_runs"].add((case.id, command))
     data = corpus[case.id]
     argv = command_argv(command, tiny_model_dir, data, tmp_path / "out") + list(case.args)
     code, err = run_in_process(capsys, argv)
     name = data.name if case.content is not None else str(data)
     assert_one_line_error(code, err, f"sftjuice {command}", name, *case.expect_for.get(command, case.expect))
-    RESULTS["data"].add(case.id)
-    RESULTS["data_runs"].add((case.id, command))
 
 
 SUBPROCESS_RUNS = [("train", "latin-1"), ("generate", "role-unknown"), ("eval", "json-dict"),
@@ -376,11 +372,9 @@ def ctx(tiny_model_dir, tmp_path) -> Ctx:
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in OPTION_CASES])
 def test_bad_options_are_one_line(case, ctx, capsys):
-    RESULTS["tried_options"].add(case.id)
     argv = case.argv(ctx)
     code, err = run_in_process(capsys, argv)
     assert_one_line_error(code, err, f"sftjuice {argv[0]}", *case.expect)
-    RESULTS["option"].add(case.id)
 
 
 def test_bad_option_in_a_real_process(ctx):
@@ -388,23 +382,19 @@ def test_bad_option_in_a_real_process(ctx):
     assert_one_line_error(proc.returncode, proc.stderr, "--epochs")
 
 
-# ------------------------------------------------------------------------ summary
+# ------------------------------------------------------------------------ coverage
 
 
-def test_summary(capsys):
-    """Prints e.g. ``fuzz: 58 data cases (229 runs), 37 option cases, all clean``: the cases
-    that ran in this session (a -k selection runs fewer) and whether each ended cleanly."""
-    tried_runs, tried_options = RESULTS["tried_runs"], RESULTS["tried_options"]
-    dirty_runs = tried_runs - RESULTS["data_runs"]
-    dirty_options = tried_options - RESULTS["option"]
-    if not dirty_runs and not dirty_options:
-        verdict = "all clean"
-    else:
-        verdict = (f"NOT clean: {len(dirty_runs)} data runs and {len(dirty_options)} option cases failed: "
-                   + ", ".join(sorted({f"{c}-{cmd}" for c, cmd in dirty_runs} | dirty_options)))
-    data_cases = {c for c, _ in tried_runs}
-    line = f"fuzz: {len(data_cases)} data cases ({len(tried_runs)} runs), {len(tried_options)} option cases, {verdict}"
-    with capsys.disabled():
-        print("\n" + line)
-    if not tried_runs and not tried_options:
-        pytest.skip("no fuzz case ran")
+def test_the_corpus_reaches_every_command(tmp_path):
+    """What the corpus covers, checked whichever cases run and in whatever order: every command
+    meets bad data and bad options, each case has a unique id (the ids are the report) and the
+    real-process runs are cases their command rejects."""
+    ctx = Ctx(tmp_path / "model", tmp_path / "good.jsonl", tmp_path)
+    assert len({c.id for c in OPTION_CASES}) == len(OPTION_CASES)
+    assert all(c.commands and set(c.commands) <= set(COMMANDS) for c in DATA_CASES)
+    option_commands = {c.argv(ctx)[0] for c in OPTION_CASES}
+    for command in COMMANDS:
+        assert sum(cmd == command for _, cmd in DATA_RUNS) >= 30, command
+        assert command in option_commands, command
+    for command, case_id in SUBPROCESS_RUNS:
+        assert command in next(c for c in DATA_CASES if c.id == case_id).commands, (command, case_id)

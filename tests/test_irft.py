@@ -1,9 +1,8 @@
-"""IRFT / SPIN: sampler log-probs, the loss and its gradient, a round's effect, SPIN = IRFT, resume."""
+"""IRFT / SPIN: sampler log-probs, the loss and its gradient, a round's effect, SPIN = IRFT (kill and resume: test_resume.py)."""
 
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import pytest
@@ -18,8 +17,7 @@ from sftjuice.models import load_policy, load_tokenizer
 from sftjuice.storage import read_jsonl
 from sftjuice.scoring import completion_logprobs, sequence_logprobs_of, singletons, token_logprobs_of
 
-from .conftest import REPO, build_tiny_model, per_token_nll, read_metrics, run_cli, sort_rows, write_jsonl
-from .test_sft import assert_same_weights, kill_when
+from .conftest import assert_same_weights, build_tiny_model, per_token_nll, read_metrics, run_cli, sort_rows, write_jsonl
 
 
 @pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 0.9), (0.0, 1.0)])
@@ -207,25 +205,6 @@ def test_keep_previous_round_rescores_older_samples_with_the_rounds_starting_pol
         assert row["demonstration_logprob"] == pytest.approx(sum(demo), abs=1e-4)
         for s, fresh in zip(row["samples"], samples):
             torch.testing.assert_close(torch.tensor(s["token_logprobs"]), torch.tensor(fresh), atol=1e-5, rtol=0)
-
-
-def test_killed_irft_run_resumes_without_resampling_and_ends_identical(tiny_model_dir, demo_file, tmp_path):
-    args = ["train", "--method", "irft", "--model", tiny_model_dir, "--data", demo_file, *IRFT,
-            "--rounds", "3", "--passes", "2", "--save-every", "3"]
-    run_cli(*args, "--output", tmp_path / "straight")
-    out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "sftjuice.cli", *map(str, args), "--output", str(out)],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    # kill inside round 1, after its samples were written and a mid-round checkpoint was taken
-    kill_when(proc, lambda: (out / "checkpoints/step-0000006").exists() and (out / "rounds/1/generations.jsonl").exists())
-    round0 = (out / "rounds/0/generations.jsonl").stat().st_mtime_ns
-    round1 = (out / "rounds/1/generations.jsonl").stat().st_mtime_ns
-    run_cli(*args, "--output", out, "--resume")
-    assert (out / "rounds/0/generations.jsonl").stat().st_mtime_ns == round0
-    assert (out / "rounds/1/generations.jsonl").stat().st_mtime_ns == round1
-    assert_same_weights(tmp_path / "straight/final", out / "final")
-    for r in range(3):
-        assert (out / f"rounds/{r}/generations.jsonl").read_text() == (tmp_path / f"straight/rounds/{r}/generations.jsonl").read_text()
 
 
 @pytest.mark.multiprocess

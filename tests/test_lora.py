@@ -25,7 +25,7 @@ from sftjuice.training import start_run
 
 from .conftest import read_metrics, run_cli, sort_rows, write_jsonl
 from .test_fuzz import assert_one_line_error, run_in_process
-from .test_resume import untimed
+from .conftest import untimed
 
 SMALL = dict(seed=3, max_new_tokens=6, per_device_batch_size=2)
 METHODS = {

@@ -24,8 +24,8 @@ from safetensors.torch import load_file
 from sftjuice.training import DIVERGED, FOLDER_IN_USE, PREEMPTED, checkpoint_problem
 
 from .conftest import REPO, build_tiny_model, read_metrics, run_cli, sort_rows, write_jsonl
-from .test_resume import untimed
-from .test_sft import assert_same_weights
+from .conftest import untimed
+from .conftest import assert_same_weights
 
 
 def cli(*args) -> list[str]:

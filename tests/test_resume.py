@@ -1,21 +1,17 @@
 """Resume is exact in every mode: a run killed with SIGKILL at seeded random moments (during
 start-up, sampling, a step or a checkpoint write) and resumed each time ends with the same
-weights, byte for byte, the same round files and the same metrics as a run never interrupted."""
+weights, byte for byte, the same round files and the same metrics as a run never interrupted,
+and never samples again what a killed run wrote. The harness is in conftest.py."""
 
 from __future__ import annotations
 
-import os
-import random
 import shutil
-import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
-from .conftest import REPO, read_metrics, run_cli, sort_rows, write_jsonl
-from .test_sft import assert_same_weights
+from .conftest import (assert_ends_as, assert_same_weights, kill_at_random_moments, read_metrics, resume, run_cli,
+                       sort_rows, untimed, write_jsonl)
 
 SMALL = ["--seed", "3", "--learning-rate", "1e-3", "--per-device-batch-size", "2", "--save-every", "1",
          "--keep-checkpoints", "2"]
@@ -33,10 +29,6 @@ METHODS = {
 KILLS = 3
 
 
-def untimed(records: list[dict]) -> list[dict]:
-    return [{k: v for k, v in m.items() if not k.endswith("seconds") and k != "time"} for m in records]
-
-
 @pytest.mark.parametrize("method", METHODS)
 def test_killed_at_random_moments_and_resumed_ends_identical(method, tiny_model_dir, tmp_path):
     data = write_jsonl(tmp_path / "demos.jsonl", sort_rows(8))
@@ -47,29 +39,10 @@ def test_killed_at_random_moments_and_resumed_ends_identical(method, tiny_model_
     run_cli(*args, "--output", tmp_path / "straight")
     duration = time.time() - t0
     out = tmp_path / "killed"
-    rng = random.Random(f"kill {method}")
-    kills = 0
-    for attempt in range(KILLS):
-        cmd = [sys.executable, "-m", "sftjuice.cli", *map(str, args), "--output", str(out)] + (["--resume"] if attempt else [])
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        try:
-            # a moment anywhere in a run's life; a resumed run has less left to do, so its moments
-            # come sooner (under load, three resumes at the first run's scale could all finish)
-            proc.wait(timeout=rng.uniform(0.2, 0.9) * duration / (1 + attempt))
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
-            kills += 1
-        else:
-            assert proc.returncode == 0, proc.stderr.read()[-3000:]
-    assert kills >= 2, "the runs ended before they could be killed"
-    run_cli(*args, "--output", out, "--resume")
-    assert_same_weights(tmp_path / "straight/final", out / "final")
-    if method == "rft":
-        assert_same_weights(tmp_path / "straight/reward_model", out / "reward_model")
-    for f in sorted((tmp_path / "straight").glob("rounds/*/*.jsonl")):
-        assert (out / f.relative_to(tmp_path / "straight")).read_text() == f.read_text(), f
-    assert untimed(read_metrics(out)) == untimed(read_metrics(tmp_path / "straight"))
+    assert kill_at_random_moments(args, out, duration, seed=f"kill {method}", kills=KILLS) >= 2, \
+        "the runs ended before they could be killed"
+    resume(args, out)
+    assert_ends_as(out, tmp_path / "straight")
 
 
 def test_a_second_run_into_a_used_folder_refuses_and_resume_lists_what_changed(tiny_model_dir, tmp_path):

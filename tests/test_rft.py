@@ -1,11 +1,9 @@
 """RFT: reward loss, RLOO/KL/PPO-clip against hand values, a reward step, a policy step
-within its KL budget, the saved reward model, `reward score`, kill and resume."""
+within its KL budget, the saved reward model, `reward score` (kill and resume: test_resume.py)."""
 
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -21,8 +19,7 @@ from sftjuice.models import load_policy, load_reward_model, load_tokenizer
 from sftjuice.storage import read_jsonl
 from sftjuice.scoring import rewards_of, sequence_logprobs_of, singletons
 
-from .conftest import REPO, read_metrics, run_cli, sort_rows, write_jsonl
-from .test_sft import assert_same_weights, kill_when
+from .conftest import REPO, assert_same_weights, read_metrics, run_cli, sort_rows, write_jsonl
 
 
 # ------------------------------------------------------------------ pure functions
@@ -257,30 +254,6 @@ def test_policy_steps_raise_the_learned_reward_within_the_kl_beta_allows(reward_
     # of about 2.4 (estimated from 16 samples a prompt); trained policies give 5 to 12
     assert 0 < kl1 < kl / 2, results
     assert r1 - kl1 > r - kl, results  # J_1(pi_beta=1) > J_1(pi_beta=0.1): the extra KL bought less than its cost
-
-
-def test_killed_rft_run_resumes_without_resampling_and_ends_identical(tiny_model_dir, tmp_path):
-    data = write_jsonl(tmp_path / "demos.jsonl", sort_rows())
-    # per round: 8 prompts x 2 samples = 16 pairs = 4 reward steps, then 2 passes = 8 policy steps
-    args = ["train", "--method", "rft", "--model", tiny_model_dir, "--data", data, "--rounds", "3", "--seed", "4",
-            "--num-samples", "2", "--max-new-tokens", "10", "--per-device-batch-size", "2", "--policy-steps", "2",
-            "--learning-rate", "1e-3", "--reward-learning-rate", "1e-3", "--save-every", "5"]
-    run_cli(*args, "--output", tmp_path / "straight")
-    out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "sftjuice.cli", *map(str, args), "--output", str(out)],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    # step 20 is inside round 1's policy passes (round 1 = steps 13..24)
-    kill_when(proc, lambda: (out / "checkpoints/step-0000020").exists())
-    assert not (out / "reward_model").exists()
-    sampled = {r: (out / f"rounds/{r}/generations.jsonl").stat().st_mtime_ns for r in (0, 1)}
-    run_cli(*args, "--output", out, "--resume")
-    assert {r: (out / f"rounds/{r}/generations.jsonl").stat().st_mtime_ns for r in (0, 1)} == sampled
-    assert_same_weights(tmp_path / "straight/final", out / "final")
-    assert_same_weights(tmp_path / "straight/reward_model", out / "reward_model")
-    for r in range(3):
-        assert (out / f"rounds/{r}/generations.jsonl").read_text() == (tmp_path / f"straight/rounds/{r}/generations.jsonl").read_text()
-    untimed = lambda ms: [{k: v for k, v in m.items() if not k.endswith("seconds") and k != "time"} for m in ms]  # noqa: E731
-    assert untimed(read_metrics(out)) == untimed(read_metrics(tmp_path / "straight"))
 
 
 def test_reward_is_read_at_the_end_of_turn_token(tiny_model_dir, tokenizer):

@@ -1,13 +1,11 @@
 """RSO on tiny models: the losses through a model, the round file (candidates from the frozen
-start, acceptance, pairs), both rewards end to end, options, and an exact resume."""
+start, acceptance, pairs), both rewards end to end, options (kill and resume: test_resume.py)."""
 
 from __future__ import annotations
 
 import json
 import math
 import random
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -20,8 +18,7 @@ from sftjuice.models import load_policy, load_reward_model, reward_pad_id, save_
 from sftjuice.scoring import rewards_of, token_logprobs_of
 from sftjuice.storage import read_jsonl
 
-from .conftest import REPO, read_metrics, run_cli, sort_rows, write_jsonl
-from .test_sft import assert_same_weights, kill_when
+from .conftest import read_metrics, run_cli, sort_rows, write_jsonl
 
 SMALL = ["--num-candidates", "4", "--num-accepted", "2", "--max-new-tokens", "8", "--rounds", "2"]
 
@@ -33,10 +30,6 @@ def reward_dir(tmp_path_factory, tiny_model_dir, tokenizer):
     model = load_reward_model(tiny_model_dir, pad_token_id=reward_pad_id(tokenizer, [tokenizer.eos_token_id]))
     save_reward_model(model, tokenizer, path)
     return path
-
-
-def untimed(records: list[dict]) -> list[dict]:
-    return [{k: v for k, v in m.items() if not k.endswith("seconds") and k != "time"} for m in records]
 
 
 # --------------------------------------------------------------------- one prompt
@@ -232,22 +225,3 @@ def test_rso_options_are_checked_in_one_line(argv, message, capsys, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_killed_rso_run_resumes_without_redrawing_and_ends_identical(tiny_model_dir, reward_dir, tmp_path):
-    data = write_jsonl(tmp_path / "demos.jsonl", sort_rows(12))
-    args = ["train", "--method", "rso", "--model", tiny_model_dir, "--data", data, "--reward-model", reward_dir,
-            *SMALL, "--rounds", "3", "--passes", "2", "--per-device-batch-size", "1", "--gradient-accumulation-steps", "1",
-            "--learning-rate", "1e-3", "--save-every", "3"]
-    run_cli(*args, "--output", tmp_path / "straight")
-    out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "sftjuice.cli", *map(str, args), "--output", str(out)],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    # 4 prompts a round, 8 steps: kill inside round 1, after a mid-round checkpoint (step 12)
-    kill_when(proc, lambda: (out / "checkpoints/step-0000012").exists())
-    assert not (out / "final").exists()
-    drawn = {r: (out / f"rounds/{r}/generations.jsonl").stat().st_mtime_ns for r in (0, 1)}
-    run_cli(*args, "--output", out, "--resume")
-    assert {r: (out / f"rounds/{r}/generations.jsonl").stat().st_mtime_ns for r in (0, 1)} == drawn
-    assert_same_weights(tmp_path / "straight/final", out / "final")
-    for r in range(3):
-        assert (out / f"rounds/{r}/generations.jsonl").read_text() == (tmp_path / f"straight/rounds/{r}/generations.jsonl").read_text()
-    assert untimed(read_metrics(out)) == untimed(read_metrics(tmp_path / "straight"))

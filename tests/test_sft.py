@@ -1,13 +1,11 @@
-"""SFT: the loss against a hand computation, outputs, config, distributed and resumed runs."""
+"""SFT: the loss against a hand computation, outputs, config, distributed runs (kill and resume: test_resume.py)."""
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -130,40 +128,6 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_model_dir, demo
     w1, w2 = load_file(tmp_path / "one/final/model.safetensors"), load_file(tmp_path / "two/final/model.safetensors")
     for name in w1:
         torch.testing.assert_close(w1[name], w2[name], rtol=1e-4, atol=1e-5)
-
-
-def kill_when(proc: subprocess.Popen, ready, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while not ready():
-        if proc.poll() is not None:
-            raise AssertionError("the run ended before it could be killed:\n" + proc.stderr.read()[-3000:])
-        assert time.time() < deadline, "timed out waiting to kill the run"
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-
-
-def assert_same_weights(a: Path, b: Path) -> None:
-    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
-    assert wa.keys() == wb.keys()
-    for name in wa:
-        torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=0)
-
-
-def test_killed_sft_run_resumes_to_the_same_weights(tiny_model_dir, demo_file, tmp_path):
-    args = ["train", "--model", tiny_model_dir, "--data", demo_file, *TRAIN, "--per-device-batch-size", "4",
-            "--save-every", "2"]
-    run_cli(*args, "--output", tmp_path / "straight")
-    out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "sftjuice.cli", *map(str, args), "--output", str(out)],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    kill_when(proc, lambda: (out / "checkpoints" / "step-0000004").exists())
-    assert not (out / "final").exists()
-    run_cli(*args, "--output", out, "--resume")
-    assert_same_weights(tmp_path / "straight/final", out / "final")
-    assert [m["step"] for m in read_metrics(out)] == list(range(1, 13))
-    assert read_metrics(out) == [{**m, "time": n["time"], "step_seconds": n["step_seconds"]}
-                                 for m, n in zip(read_metrics(tmp_path / "straight"), read_metrics(out))]
 
 
 @pytest.mark.realmodel

@@ -1,11 +1,9 @@
 """Self-Rewarding PPO: the reward against plain forward passes, the no-EOS penalty, finding
-pi_base from an SFT run, an end-to-end run, LoRA's pi_SFT, kill and resume."""
+pi_base from an SFT run, an end-to-end run, LoRA's pi_SFT (kill and resume: test_resume.py)."""
 
 from __future__ import annotations
 
 import contextlib
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
@@ -19,8 +17,7 @@ from sftjuice.generation import Sample
 from sftjuice.models import load_policy, load_tokenizer
 from sftjuice.storage import read_jsonl
 
-from .conftest import REPO, build_tiny_model, read_metrics, run_cli, sort_rows, write_jsonl
-from .test_sft import assert_same_weights, kill_when
+from .conftest import build_tiny_model, read_metrics, run_cli, sort_rows, write_jsonl
 
 
 def fresh_logprobs(model, prompt: list[int], response: list[int]) -> list[float]:
@@ -150,24 +147,3 @@ def test_lora_pi_sft_is_the_policy_with_its_adapter_off(sft_run, tiny_model_dir,
     assert moved  # the sampler (pi_1) is no longer pi_SFT
 
 
-def test_killed_srppo_run_resumes_without_resampling_and_ends_identical(sft_run, tiny_model_dir, tmp_path):
-    data = write_jsonl(tmp_path / "demos.jsonl", sort_rows())
-    # per round: 8 prompts, 4 steps of 2 prompts a pass, 2 passes = 8 steps
-    args = ["train", "--method", "srppo", "--model", sft_run, "--base-model", tiny_model_dir, "--data", data,
-            "--rounds", "3", "--seed", "4", "--num-samples", "2", "--max-new-tokens", "10", "--per-device-batch-size", "2",
-            "--policy-steps", "2", "--learning-rate", "1e-3", "--save-every", "5"]
-    run_cli(*args, "--output", tmp_path / "straight")
-    out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "sftjuice.cli", *map(str, args), "--output", str(out)],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    # step 10 is inside round 1 (steps 9..16)
-    kill_when(proc, lambda: (out / "checkpoints/step-0000010").exists())
-    assert not (out / "final").exists()
-    sampled = {r: (out / f"rounds/{r}/generations.jsonl").stat().st_mtime_ns for r in (0, 1)}
-    run_cli(*args, "--output", out, "--resume")
-    assert {r: (out / f"rounds/{r}/generations.jsonl").stat().st_mtime_ns for r in (0, 1)} == sampled
-    assert_same_weights(tmp_path / "straight/final", out / "final")
-    for r in range(3):
-        assert (out / f"rounds/{r}/generations.jsonl").read_text() == (tmp_path / f"straight/rounds/{r}/generations.jsonl").read_text()
-    untimed = lambda ms: [{k: v for k, v in m.items() if not k.endswith("seconds") and k != "time"} for m in ms]  # noqa: E731
-    assert untimed(read_metrics(out)) == untimed(read_metrics(tmp_path / "straight"))

@@ -1,6 +1,6 @@
 """`--method steps` (per-step negatives) and `--method rest` (positive-only self-training) on
 the round engine: the token cut of a negative, what a round file holds, what `rest` trains
-on, both methods end to end from the command line, and a killed run resumed.
+on, both methods end to end from the command line (kill and resume: test_resume.py).
 
 The pure pieces (steps, prefix values, first pit) are tested in test_rso_steps_pieces.py."""
 
@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,7 +16,6 @@ from sftjuice.algorithms.steps import first_pit, prefix_values, split_steps, ste
 from sftjuice.config import RestConfig, StepsConfig
 
 from .conftest import REPO, build_tiny_model, per_token_nll, read_metrics, run_cli, write_jsonl
-from .test_sft import assert_same_weights, kill_when
 
 MULTISTEP = REPO / "src/sftjuice/demo_data/multistep_arithmetic.train.jsonl"
 
@@ -240,28 +236,6 @@ def test_cli_runs_with_only_model_data_output(method, tiny_model_dir, multistep_
     if method == "steps":  # nothing a random model writes verifies; the demonstrations pair with its samples
         assert all(m["pairs"] > 0 and m["rollouts_drawn"] > 0 and m["accuracy"] == 0 for m in rounds)
         assert all("loss" in m for m in read_metrics(out) if "event" not in m)
-
-
-def test_killed_steps_run_resumes_without_resampling_and_ends_identical(lined_model_dir, multistep_file, tmp_path):
-    (tmp_path / "resume_parity.py").write_text(VERIFIERS)
-    env = {"PYTHONPATH": str(tmp_path)}
-    args = ["train", "--method", "steps", "--model", lined_model_dir, "--data", multistep_file, "--max-new-tokens", "16",
-            "--rounds", "2", "--rollouts", "2", "--per-device-batch-size", "2", "--save-every", "1",
-            "--learning-rate", "1e-3", "--verifier", "resume_parity:parity"]
-    run_cli(*args, "--output", tmp_path / "straight", env=env)
-    out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "sftjuice.cli", *map(str, args), "--output", str(out)], cwd=REPO,
-                            env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    # kill inside round 1 (steps 5-8), after its rollouts were written and a mid-round checkpoint was taken
-    kill_when(proc, lambda: (out / "checkpoints/step-0000005").exists() and (out / "rounds/1/generations.jsonl").exists())
-    written = [(out / f"rounds/{r}/generations.jsonl").stat().st_mtime_ns for r in (0, 1)]
-    run_cli(*args, "--output", out, "--resume", env=env)
-    assert [(out / f"rounds/{r}/generations.jsonl").stat().st_mtime_ns for r in (0, 1)] == written
-    assert_same_weights(tmp_path / "straight/final", out / "final")
-    for r in (0, 1):
-        assert (out / f"rounds/{r}/generations.jsonl").read_text() == (tmp_path / f"straight/rounds/{r}/generations.jsonl").read_text()
-    steps = [m["step"] for m in read_metrics(out) if "event" not in m]
-    assert steps == [m["step"] for m in read_metrics(tmp_path / "straight") if "event" not in m] and len(steps) > 4
 
 
 def test_sft_weight_adds_the_positives_per_token_nll(tiny_model_dir, multistep_file, tmp_path):
