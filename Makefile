@@ -1,9 +1,9 @@
-# The README's two commands: `make demo` and `make test`. Both set up .venv first.
+# The README's two commands: `make demo` and `make test`; `make test-fast` is the edit loop. All set up .venv first.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup demo test bench vllm test-vllm
+.PHONY: setup demo test test-fast vllm test-vllm
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -21,6 +21,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q $(ARGS)
+
+# all but the tests marked slow (pyproject.toml)
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" $(ARGS)
 
 # vLLM's CPU build in its own venv (README: vLLM on CPU); `make test-vllm` runs the marked tests in it
 VLLM_VENV ?= .venv-vllm

@@ -175,6 +175,7 @@ def test_a_linear_loss_round_raises_demonstrations_and_lowers_samples(wrong_task
     assert round_record["heldout_margin"] > 0.5 and round_record["heldout_margin_positive"] > 0.9
 
 
+@pytest.mark.slow
 def test_spin_equals_irft_with_matching_settings(tiny_model_dir, demo_file, tmp_path):
     common = ["--model", tiny_model_dir, "--data", demo_file, *IRFT[2:], "--passes", "1"]  # without --epochs
     run_cli("train", "--method", "spin", "--iterations", "2", *common, "--output", tmp_path / "spin")
@@ -207,6 +208,7 @@ def test_keep_previous_round_rescores_older_samples_with_the_rounds_starting_pol
             torch.testing.assert_close(torch.tensor(s["token_logprobs"]), torch.tensor(fresh), atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_processes_sample_and_train_as_one_does(tiny_model_dir, demo_file, tmp_path):
     """Each process samples and trains on its own share (sampling seeds are named per prompt,

@@ -101,6 +101,7 @@ def references_in(method: str, out, chat: ChatFormat) -> tuple[list[float], list
     return values, prompts, completions, method in ("irft", "spin", "steps")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lora", [False, True], ids=["merged", "lora"])
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_trains_from_an_sft_adapter_against_the_sft_model(method, lora, sft_adapter, oracles, tmp_path,
@@ -196,6 +197,7 @@ def test_an_adapter_without_its_base_or_with_other_tokens_and_merge_lora_without
     assert_one_line_error(code, err, "--merge-lora needs --lora")
 
 
+@pytest.mark.slow
 def test_a_lora_run_from_an_adapter_resumed_after_its_first_round_ends_identical(sft_adapter, tmp_path):
     """Killed after round 0's checkpoint, before round 1 sampled: the resumed run rolls out
     round 1's negatives with the reference adapter it loads again and scores its pairs with

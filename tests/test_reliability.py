@@ -113,6 +113,7 @@ def test_a_nan_in_one_batch_is_skipped_and_training_goes_on(tokenizer, tmp_path)
 LOCK_REPEATS = 10
 
 
+@pytest.mark.slow
 def test_two_runs_started_together_into_one_folder_one_proceeds(tiny_model_dir, tmp_path):
     """Started at the same moment, many times: each time exactly one run proceeds and ends
     normally, the other stops with status 4 and one line naming the first one's pid."""
@@ -132,6 +133,7 @@ def test_two_runs_started_together_into_one_folder_one_proceeds(tiny_model_dir, 
         assert [m["step"] for m in read_metrics(out)] == list(range(1, 49))  # one run's log, not two
 
 
+@pytest.mark.slow
 def test_a_running_run_refuses_a_resume_and_a_killed_ones_lock_does_not(tiny_model_dir, tmp_path):
     data = write_jsonl(tmp_path / "demos.jsonl", sort_rows(24))
     out = tmp_path / "o"
@@ -205,6 +207,7 @@ PROBLEMS = {"truncated-weights": "model.safetensors has", "missing-optimizer": "
             "garbled-optimizer": "does not load", "two-damaged": "optimizer.bin has"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", DAMAGES)
 def test_a_damaged_checkpoint_is_named_and_an_earlier_one_resumed(damage, straight_run):
     args, straight = straight_run
@@ -282,6 +285,7 @@ def logged_step(out: Path) -> int:
     return max(steps, default=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", PREEMPT)
 def test_stop_signals_at_random_moments_then_resume_ends_identical(method, tiny_model_dir, tmp_path):
     """SIGTERM, SIGUSR1 and SIGINT in turn: the first at a random moment of the run's life
@@ -351,6 +355,7 @@ def test_stop_signals_at_random_moments_then_resume_ends_identical(method, tiny_
     CAMPAIGN[method] = (saved, stops - saved)
 
 
+@pytest.mark.slow
 def test_campaign_summary(capsys):
     """Prints e.g. ``stop signals: 15 stops (12 saved a checkpoint within one step, 3 had nothing
     to save), 5 of 5 resumed runs identical`` for the stop tests that ran in this session."""
@@ -363,6 +368,7 @@ def test_campaign_summary(capsys):
               f"nothing to save), {len(CAMPAIGN)} of {len(CAMPAIGN)} resumed runs identical ({', '.join(CAMPAIGN)})")
 
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_under_accelerate_launch_a_signal_to_one_process_stops_all_after_the_same_step(tiny_model_dir, tmp_path):
     """Two processes (DDP over gloo); SIGTERM reaches rank 1 alone. Both stop after the same
@@ -402,6 +408,7 @@ def test_under_accelerate_launch_a_signal_to_one_process_stops_all_after_the_sam
     assert untimed(read_metrics(out)) == untimed(read_metrics(tmp_path / "straight"))
 
 
+@pytest.mark.slow
 def test_a_second_signal_stops_at_once_and_damages_no_checkpoint(tiny_model_dir, tmp_path):
     """Two signals a random few milliseconds apart (the second may land in a checkpoint's
     write): the process dies by the second; every checkpoint left is whole, and the run

@@ -29,6 +29,7 @@ METHODS = {
 KILLS = 3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_killed_at_random_moments_and_resumed_ends_identical(method, tiny_model_dir, tmp_path):
     data = write_jsonl(tmp_path / "demos.jsonl", sort_rows(8))
@@ -45,6 +46,7 @@ def test_killed_at_random_moments_and_resumed_ends_identical(method, tiny_model_
     assert_ends_as(out, tmp_path / "straight")
 
 
+@pytest.mark.slow
 def test_a_second_run_into_a_used_folder_refuses_and_resume_lists_what_changed(tiny_model_dir, tmp_path):
     data = write_jsonl(tmp_path / "demos.jsonl", sort_rows(8))
     args = ["train", "--model", tiny_model_dir, "--data", data, "--output", tmp_path / "o", *SMALL, "--method", "irft",
@@ -64,6 +66,7 @@ def test_a_second_run_into_a_used_folder_refuses_and_resume_lists_what_changed(t
     assert run_cli(*args, "--overwrite").returncode == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["rft", "steps"])
 @pytest.mark.parametrize("left", ["none", "mid-round"])
 def test_resumed_from_an_earlier_checkpoint_ends_identical(method, left, tiny_model_dir, tmp_path):
@@ -84,6 +87,7 @@ def test_resumed_from_an_earlier_checkpoint_ends_identical(method, left, tiny_mo
     assert untimed(read_metrics(out)) == untimed(read_metrics(tmp_path / "straight"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["sft", "irft", "rft", "steps"])
 def test_a_run_resumed_for_more_epochs_ends_as_one_run_for_all_of_them(method, tiny_model_dir, tmp_path):
     """With a constant schedule a run's rounds and steps do not depend on how many follow, so

@@ -222,6 +222,7 @@ def measure(policy, ref, reward, tok, prompts, n=16):
     return sum(rewards) / len(rewards), sum(kl) / len(kl)
 
 
+@pytest.mark.slow
 def test_policy_steps_raise_the_learned_reward_within_the_kl_beta_allows(reward_run, mixed_policy_dir, tmp_path):
     """Against a fixed learned reward (--reward-learning-rate 0), a policy that improves
     J_beta = E[r] - beta * KL over pi_ref has KL <= (E[r] - E_ref[r]) / beta; a larger beta

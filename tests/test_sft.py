@@ -109,6 +109,7 @@ def test_lora_adapter_and_merged_model(tiny_model_dir, demo_file, tmp_path):
     assert (a - b).abs().max() > 1e-3  # the adapter learned something
 
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_processes_match_one_with_the_same_global_batch(tiny_model_dir, demo_file, tmp_path):
     common = ["train", "--model", tiny_model_dir, "--data", demo_file, *TRAIN, "--per-device-batch-size", "2"]

@@ -223,6 +223,7 @@ def test_rest_trains_only_on_verified_samples(lined_model_dir, multistep_file, t
 # ------------------------------------------------------------- the command line, resumed
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["steps", "rest"])
 def test_cli_runs_with_only_model_data_output(method, tiny_model_dir, multistep_file, tmp_path):
     from transformers import AutoModelForCausalLM
