@@ -445,7 +445,8 @@ def report(args) -> None:
                   "| stage | unit | status |", "|---|---|---|"]
         for t, s, p in planned:
             if t == task:
-                lines.append(f"| sft-best | seed {s}, {p} | {'done' if (t, s, p) in ran else 'to run'} |")
+                started = (args.work / t / f"seed{s}" / f"sft-best-{p}" / "curve.json").exists()
+                lines.append(f"| sft-best | seed {s}, {p} | {'done' if (t, s, p) in ran else 'under way' if started else 'to run'} |")
         for kind, seed, name, trial in arm_units(task, arms_of(args, task), args.seeds):
             unit = args.work / task / f"seed{seed}" / (f"arm-{name}-t{trial}" if kind == "tune" else "")
             ran_it = (unit / "done.json").exists() if kind == "tune" else tested(args.work, task, seed, name)
@@ -463,6 +464,13 @@ def report(args) -> None:
                          "val NLL/token": f"{d['validation_nll']:.4f}", "stopped at": d["stopped_at_epoch"],
                          "train s": f"{d['train_seconds']:.0f}", "validation s": f"{d['validation_seconds']:.0f}",
                          "curve (epoch: acc)": " ".join(f"{e['epoch']}:{e['accuracy']:.0%}" for e in d["curve"])})
+        for t, s_, p in planned:  # a unit under way: its curve so far
+            curve_file = args.work / t / f"seed{s_}" / f"sft-best-{p}" / "curve.json"
+            if t == task and (t, s_, p) not in ran and curve_file.exists():
+                curve = json.loads(curve_file.read_text())
+                rows.append({"seed": s_, "precision": p, "best epoch": f"{best_epoch(curve)['epoch']} so far",
+                             "val acc": f"{best_epoch(curve)['accuracy']:.1%}", "stopped at": "running",
+                             "curve (epoch: acc)": " ".join(f"{e['epoch']}:{e['accuracy']:.1%}" for e in curve)})
         if rows:
             lines += [markdown_table(rows, list(rows[0]))]
             print(f"\n{task}: SFT-best\n" + text_table(rows, list(rows[0])))
