@@ -359,6 +359,11 @@ OPTION_CASES = [
     OptionCase("train-max-bad-steps-zero", lambda c: c.train("--max-bad-steps", "0"), ("--max-bad-steps 0", "must be >= 1")),
     OptionCase("train-max-bad-steps-float", lambda c: c.train("--max-bad-steps", "2.5"), ("--max-bad-steps", "expected int")),
     OptionCase("train-max-bad-steps-yaml", lambda c: c.train("--config", c.config("max_bad_steps: -1\n")), ("--max-bad-steps -1",)),
+    OptionCase("train-steps-sft-weight-negative", lambda c: c.train("--method", "steps", "--sft-weight", "-1"),
+               ("--sft-weight -1.0", "must be >= 0")),
+    OptionCase("train-srppo-temperature", lambda c: c.train("--method", "srppo", "--temperature", "0.7"),
+               ("--temperature 0.7", "--method srppo")),
+    OptionCase("train-rft-top-p", lambda c: c.train("--method", "rft", "--top-p", "0.9"), ("--top-p 0.9", "--method rft")),
 ]
 assert len(OPTION_CASES) >= 15
 
