@@ -21,6 +21,13 @@ commands:
 """
 
 
+def say(line: str) -> None:
+    """Print ``line`` to stderr in one write: the processes of an ``accelerate launch`` share
+    one stderr, and print's separate write of the newline lets their lines run together."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def _quiet_libraries() -> None:
     import transformers
 
@@ -81,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
-        print(f"sftjuice: unknown command '{command}'\n\n{USAGE}", file=sys.stderr)
+        say(f"sftjuice: unknown command '{command}'\n\n{USAGE}")
         return 2
     from . import stopping
 
@@ -91,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(command, rest, quiet)
     except stopping.RunStopped as e:  # a stop signal, divergence, a folder in use: one line, a status of its own
-        print(f"sftjuice {command}: {' '.join(str(e).split())}", file=sys.stderr)
+        say(f"sftjuice {command}: {' '.join(str(e).split())}")
         return e.status
     finally:
         stopping.uninstall_stop_handlers()  # an in-process caller gets its handlers back
@@ -122,13 +129,13 @@ def _run(command: str, rest: list[str], quiet: bool) -> int:
                     pass
             raise
     except SftjuiceError as e:  # bad input or option: one line (messages with newlines are joined)
-        print(f"sftjuice {command}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        say(f"sftjuice {command}: error: {' '.join(str(e).split())}")
         return 2
     except KeyboardInterrupt:
-        print(f"sftjuice {command}: interrupted", file=sys.stderr)
+        say(f"sftjuice {command}: interrupted")
         return 130
     except OSError as e:  # permission denied, read-only or full file system, ...: one line naming the path
-        print(f"sftjuice {command}: error: {os_error_message(e)}", file=sys.stderr)
+        say(f"sftjuice {command}: error: {os_error_message(e)}")
         return 1
     except (RuntimeError, SafetensorError) as e:
         # torch.save and safetensors report a failed write (a full disk) as RuntimeError /
@@ -137,7 +144,7 @@ def _run(command: str, rest: list[str], quiet: bool) -> int:
         message = write_error_message(e)
         if message is None:
             raise
-        print(f"sftjuice {command}: error: {message}", file=sys.stderr)
+        say(f"sftjuice {command}: error: {message}")
         return 1
     return 0
 
