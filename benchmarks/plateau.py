@@ -276,10 +276,13 @@ def arm_config(work: Path, task: str, seed: int, name: str, settings: dict, epoc
                keep_checkpoints=1, **options, **arm.fixed, **settings, **{arm.grows: epochs})
 
 
-def run_arm(work: Path, task: str, seed: int, name: str, trial: int) -> dict:
-    """One trial of an arm on one seed: epoch by epoch from SFT-best (epoch 0 is SFT-best
-    itself, so "no extra epoch" can win), validated after each, patience 2; ``best/`` is the
-    best epoch's model. Resumable: an epoch resumes inside its run; curve.json grows by epoch."""
+def run_arm(work: Path, task: str, seed: int, name: str, trial: int, epochs: int | None = None) -> dict:
+    """One trial of an arm on one seed from SFT-best. Tuning (``epochs`` None): epoch by epoch
+    (epoch 0 is SFT-best itself, so "no extra epoch" can win), validated after each, patience
+    2; ``best/`` is the best epoch's model. The other seeds (``epochs``: seed 0's best count
+    for the chosen trial, the same rule for every arm) train that many epochs and are not
+    validated: the validation decoding was most of a trial's time. Resumable: an epoch
+    resumes inside its run; curve.json grows by epoch."""
     from sftjuice.api import train
     from sftjuice.storage import atomic_write_text
 
@@ -293,18 +296,19 @@ def run_arm(work: Path, task: str, seed: int, name: str, trial: int) -> dict:
     curve = json.loads(curve_file.read_text()) if curve_file.exists() else [
         {"epoch": 0, "step": 0, "accuracy": start["validation_accuracy"], "nll": start["validation_nll"],
          "train_seconds": 0.0, "seconds": 0.0}]
-    validate = validator(work, task)
-    while not patience_spent(curve) and curve[-1]["epoch"] < ARMS[name].max_epochs:
-        epoch = curve[-1]["epoch"] + 1
+    validate = validator(work, task) if epochs is None else None
+    while (not patience_spent(curve) and curve[-1]["epoch"] < ARMS[name].max_epochs if epochs is None
+           else curve[-1]["epoch"] < epochs):
+        epoch = curve[-1]["epoch"] + 1 if epochs is None else epochs
         t0 = time.time()
         final = train(arm_config(work, task, seed, name, settings, epoch, run_dir))
         seconds = time.time() - t0
-        result = validate_dir(validate, final)
+        result = validate_dir(validate, final) if validate else {"accuracy": None, "nll": None, "seconds": 0.0}
         steps = max((json.loads(line).get("step", 0) for line in (run_dir / "metrics.jsonl").read_text().splitlines()),
                     default=0)
         curve.append({"epoch": epoch, "step": steps, "accuracy": result["accuracy"], "nll": result["nll"],
                       "train_seconds": round(seconds, 1), "seconds": result["seconds"]})
-        if best_epoch(curve)["epoch"] == epoch:
+        if validate is None or best_epoch(curve)["epoch"] == epoch:
             tmp = unit / ".best.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.copytree(final, tmp)
@@ -313,7 +317,7 @@ def run_arm(work: Path, task: str, seed: int, name: str, trial: int) -> dict:
         atomic_write_text(curve_file, json.dumps(curve, indent=1))
         logging.info("%s seed %d %s trial %d epoch %d: validation accuracy %.1f%%, NLL/token %.4f (%d steps)",
                      task, seed, name, trial, epoch, 100 * result["accuracy"], result["nll"], steps)
-    best = best_epoch(curve)
+    best = best_epoch(curve) if epochs is None else curve[-1]
     rounds_seen = round_records(run_dir)
     result = {"task": task, "seed": seed, "arm": name, "method": ARMS[name].method, "trial": trial,
               "settings": {**ARMS[name].fixed, **settings}, "best_epoch": best["epoch"], "best_step": best["step"],
@@ -383,8 +387,10 @@ def run_arms(args, task: str) -> None:
             run_arm(args.work, task, 0, name, trial)
             continue
         chosen = chosen_trial(args.work, task, name)
-        print(f"== arm {task} {name} seed {seed} (trial {chosen})", flush=True)
-        run_arm(args.work, task, seed, name, chosen)
+        epochs = None if seed == 0 else json.loads((args.work / task / "seed0" / f"arm-{name}-t{chosen}" / "done.json")
+                                                   .read_text())["best_epoch"]
+        print(f"== arm {task} {name} seed {seed} (trial {chosen}" + (f", {epochs} epochs)" if seed else ")"), flush=True)
+        run_arm(args.work, task, seed, name, chosen, epochs)
         test_eval(args.work, task, seed, name, chosen)
 
 
@@ -561,7 +567,8 @@ def arm_tables(args, task: str) -> tuple[list[dict], list[dict]]:
         row.update({"best epochs": " ".join(str(r["best_epoch"]) for r in runs),
                     "steps": " ".join(str(r["best_step"]) for r in runs),
                     "train s": f"{statistics.fmean(r['train_seconds'] for r in runs):.0f}",
-                    "val NLL": f"{statistics.fmean(r['validation_nll'] for r in runs):.4f}"})
+                    "val acc, NLL (seed 0)": f"{runs[0]['validation_accuracy']:.1%}, {runs[0]['validation_nll']:.4f}"
+                    if seeds[name][0] == 0 else ""})
         rounds_all = [x for r in runs for x in r["rounds"]]
         pairs = sum(x.get("pairs", 0) + x.get("identical_pairs", 0) for x in rounds_all)
         if any("identical_pairs" in x for x in rounds_all) and pairs:
@@ -604,23 +611,25 @@ def estimate(args) -> None:
         else:
             sft_epoch, val_epoch = (150, 150) if "multistep" in task else (40, 55)
         finished = load_done(args.work, f"{task}/seed*/arm-*/done.json")
-        measured = {}
-        for d in finished:  # seconds per epoch (training with start-up, and validation) by arm
-            measured.setdefault(d["arm"], []).append((d["train_seconds"] + d["validation_seconds"]) / max(1, len(d["curve"]) - 1))
-        epochs = statistics.fmean(len(d["curve"]) - 1 for d in finished) if finished else 4.0
+        trained = {}  # seconds per training epoch (with its start-up) by arm
+        for d in finished:
+            trained.setdefault(d["arm"], []).append(d["train_seconds"] / max(1, len(d["curve"]) - 1))
+        tuned = [d for d in finished if d["seed"] == 0]
+        epochs = statistics.fmean(len(d["curve"]) - 1 for d in tuned) if tuned else 4.0
+        best = statistics.fmean(d["best_epoch"] for d in tuned) if tuned else 2.0
         print(f"stage arms, {task} (per epoch: SFT {sft_epoch:.0f} s, validation {val_epoch:.0f} s, start-up "
-              f"{ARM_STARTUP:.0f} s; {epochs:.1f} epochs a trial)")
+              f"{ARM_STARTUP:.0f} s; {epochs:.1f} epochs a trial, the other seeds {best:.1f})")
         task_total = 0.0
+        test_eval_seconds = val_epoch * 700 / 300
         for kind, seed, name, trial in arm_units(task, arms_of(args, task), args.seeds):
             unit = args.work / task / f"seed{seed}" / (f"arm-{name}-t{trial}" if kind == "tune" else "")
             if (unit / "done.json").exists() if kind == "tune" else tested(args.work, task, seed, name):
                 continue
-            if kind == "arm" and seed == 0:
-                task_total += val_epoch * 700 / 300 / 60  # its tuning run is seed 0's; the test evaluation remains
-                continue
-            per_epoch = (statistics.fmean(measured[name]) if name in measured
-                         else ARM_COST[name] * sft_epoch + ARM_STARTUP + val_epoch)
-            task_total += (epochs * per_epoch + (val_epoch * 700 / 300 if kind == "arm" else 0)) / 60
+            train_epoch = statistics.fmean(trained[name]) if name in trained else ARM_COST[name] * sft_epoch + ARM_STARTUP
+            if kind == "tune":
+                task_total += epochs * (train_epoch + val_epoch) / 60
+            else:  # seed 0's is its tuning run; the others train seed 0's best epoch count, unvalidated
+                task_total += ((best * train_epoch if seed else 0) + test_eval_seconds) / 60
         print(f"  remaining: about {task_total:.0f} min")
         remaining += task_total
     print(f"all stages: about {remaining / 60:.1f} h remaining")
