@@ -403,8 +403,6 @@ def load_done(work: Path, pattern: str) -> list[dict]:
 
 def precision_rows(done: list[dict]) -> list[dict]:
     """Seed 0's fp32 and bf16 SFT-best on validation, side by side."""
-    from sftjuice.stats import paired_bootstrap_difference
-
     rows = []
     for task in TASKS:
         pair = {d["precision"]: d for d in done if d["task"] == task and d["seed"] == 0}
