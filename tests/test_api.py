@@ -74,7 +74,7 @@ def test_every_method_runs_with_no_tuning_flags(method, wrong_task_model_dir, tm
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--method", "sft", "--beta", "0.5"], "--beta is not used by --method sft; methods that take it: irft, spin, rft, steps, rso"),
+    (["--method", "sft", "--beta", "0.5"], "--beta is not used by --method sft; methods that take it: irft, spin, steps, rso"),
     (["--method", "spin", "--rounds", "3"], "--rounds is not used by --method spin; methods that take it: irft, rft, srppo, steps, rest, rso"),
     (["--method", "irft", "--top-p", "1.5"], "--top-p 1.5: must be > 0 and <= 1"),
     (["--method", "rft", "--num-samples", "1"], "--num-samples 1: must be >= 2"),
