@@ -74,7 +74,7 @@ def test_every_method_runs_with_no_tuning_flags(method, wrong_task_model_dir, tm
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--method", "sft", "--beta", "0.5"], "--beta is not used by --method sft; methods that take it: irft, spin, rft, steps, rso"),
+    (["--method", "sft", "--beta", "0.5"], "--beta is not used by --method sft; methods that take it: irft, spin, steps, rso"),
     (["--method", "spin", "--rounds", "3"], "--rounds is not used by --method spin; methods that take it: irft, rft, srppo, steps, rest, rso"),
     (["--method", "irft", "--top-p", "1.5"], "--top-p 1.5: must be > 0 and <= 1"),
     (["--method", "rft", "--num-samples", "1"], "--num-samples 1: must be >= 2"),
@@ -85,3 +85,113 @@ def test_train_options_are_checked_in_one_line(argv, message, capsys, tmp_path):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"sftjuice train: error: {message}")  # later methods may follow in the list
     assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------ issue 24: one declaration, one meaning
+
+BEFORE_RENAMES = json.loads((REPO / "tests/data/method_defaults_before_issue24.json").read_text())
+NEW_NAMES = {"rft": {"beta": "kl_coef"}, "rso": {"beta": "rejection_beta", "gamma": "beta"}}
+
+
+@pytest.mark.parametrize("method", sorted(BEFORE_RENAMES))
+def test_every_method_keeps_its_defaults_under_the_new_names(method):
+    """tests/data holds each method's defaults before options were declared once and renamed."""
+    import dataclasses
+
+    from sftjuice.config import METHOD_CONFIGS
+
+    renames = NEW_NAMES.get(method, {})
+    before = {renames.get(k, k): v for k, v in BEFORE_RENAMES[method].items()}
+    assert dataclasses.asdict(METHOD_CONFIGS[method]()) == before
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "rso", "--gamma", "0.1"], "--gamma was renamed: use --beta (RSO's DPO coefficient)"),
+    (["--method", "rft", "--beta", "0.05"], "--beta was renamed: use --kl-coef (RFT's per-token KL coefficient)"),
+])
+def test_an_old_option_name_points_to_the_new_one_in_one_line(argv, message, tmp_path, capsys):
+    """From the real command line and from a --config file; nothing is created."""
+    flag_run = run_cli("train", *argv, "--data", "d.jsonl", "--output", tmp_path / "o", check=False)
+    assert flag_run.returncode == 2 and flag_run.stderr.strip().splitlines() == [f"sftjuice train: error: {message}"]
+    method, (old, value) = argv[1], argv[2:]
+    config = tmp_path / "c.yaml"
+    config.write_text(f"method: {method}\n{old[2:]}: {value}\n")
+    assert main(["train", "--config", str(config), "--data", "d.jsonl", "--output", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"sftjuice train: error: {config}: {message}"]
+    assert not (tmp_path / "o").exists()
+
+
+def test_old_names_from_python_are_a_type_error():
+    from sftjuice.config import RFTConfig, RSOConfig
+
+    with pytest.raises(TypeError, match="beta"):
+        RFTConfig(beta=0.05)
+    with pytest.raises(TypeError, match="gamma"):
+        RSOConfig(gamma=0.05)
+    # RSO's --beta is now its DPO coefficient (the old --gamma), --rejection-beta the old --beta
+    cfg = RSOConfig(beta=0.2, rejection_beta=2.0)
+    assert (cfg.beta, cfg.rejection_beta) == (0.2, 2.0)
+
+
+def test_policy_steps_is_one_option_zero_only_for_rft():
+    """rft --policy-steps 0 trains the reward alone; srppo's reward does not train, so it refuses 0."""
+    from sftjuice.config import RFTConfig, SftjuiceError, SRPPOConfig
+
+    assert RFTConfig(policy_steps=0).policy_steps == 0
+    with pytest.raises(SftjuiceError, match=r"^--policy-steps 0: --method srppo trains only the policy: must be >= 1$"):
+        SRPPOConfig(policy_steps=0)
+
+
+@pytest.mark.parametrize("method", ["sft", "irft", "spin", "rft", "srppo", "rso", "steps", "rest"])
+def test_help_lists_each_option_once_with_its_range_and_default(method, capsys, monkeypatch):
+    import dataclasses
+
+    from sftjuice.config import METHOD_CONFIGS, _range_text, flag
+
+    monkeypatch.setenv("COLUMNS", "1000")  # no wrapped help text
+    with pytest.raises(SystemExit):
+        main(["train", "--method", method, "--help"])
+    entries = re.split(r"\n(?=  -)", capsys.readouterr().out.split("\noptions:\n")[1])  # an option, its help
+    cls = METHOD_CONFIGS[method]
+    assert len(entries) == 2 + len(dataclasses.fields(cls))  # -h, --config and the options
+    for f in dataclasses.fields(cls):
+        mine = [entry for entry in entries if re.match(rf"  {re.escape(flag(f.name))}[ ,]", entry)]
+        assert len(mine) == 1, (f.name, mine)
+        bounds = _range_text(f.metadata)
+        assert f"({bounds}; default: " in mine[0] if bounds else "(default: " in mine[0], mine[0]
+        assert f"default: {getattr(cls(), f.name)})" in mine[0], mine[0]
+
+
+def test_a_name_has_one_help_text_in_every_method():
+    """An option shared by methods is declared once: its help (what it means) is the same in
+    each. The exceptions are options whose choices or role differ by method."""
+    import dataclasses
+
+    from sftjuice.config import METHOD_CONFIGS
+
+    helps: dict[str, set] = {}
+    for cls in METHOD_CONFIGS.values():
+        for f in dataclasses.fields(cls):
+            helps.setdefault(f.name, set()).add(f.metadata["help"])
+    differing = {name for name, texts in helps.items() if len(texts) > 1}
+    # loss: irft/spin's l(u) choices vs rso's DPO/SLiC ones; passes and sft_weight: each says what
+    # its method's pairs are; reward_model: rft's starting point vs rso's fixed judge
+    assert differing == {"loss", "passes", "sft_weight", "reward_model"}
+
+
+def test_a_run_started_before_the_renames_resumes(tmp_path):
+    """Its manifest names RFT's KL coefficient beta and RSO's coefficients beta and gamma."""
+    from sftjuice.config import RFTConfig, RSOConfig, config_dict
+    from sftjuice.training import check_output
+
+    for cfg, old_names in [(RFTConfig(resume=True), {"kl_coef": "beta"}),
+                           (RSOConfig(resume=True, reward="implicit"), {"beta": "gamma", "rejection_beta": "beta"})]:
+        out = tmp_path / cfg.method
+        out.mkdir()
+        saved = {old_names.get(k, k): v for k, v in config_dict(cfg).items()}
+        old = {"method": cfg.method, "config": saved, "data": "d", "model": "m", "precision": "fp32"}
+        (out / "manifest.json").write_text(json.dumps(old))
+        check_output(out, cfg, {**old, "config": config_dict(cfg)})  # resumes: nothing changed
+        changed = {**config_dict(cfg), "kl_coef" if cfg.method == "rft" else "rejection_beta": 7.0}
+        with pytest.raises(Exception, match="was started with other settings: --(kl-coef|rejection-beta) .* -> 7.0"):
+            check_output(out, cfg, {**old, "config": changed})

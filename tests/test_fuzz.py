@@ -351,6 +351,9 @@ OPTION_CASES = [
     OptionCase("train-beta-negative", lambda c: c.train("--method", "irft", "--beta", "-1"), ("--beta",)),
     OptionCase("train-learning-rate-zero", lambda c: c.train("--learning-rate", "0"), ("--learning-rate",)),
     OptionCase("train-sft-with-beta", lambda c: c.train("--method", "sft", "--beta", "0.5"), ("--beta",)),
+    # renamed options (issue 24): the old name points to the new one
+    OptionCase("train-rso-old-gamma", lambda c: c.train("--method", "rso", "--gamma", "0.1"), ("--gamma was renamed", "--beta")),
+    OptionCase("train-rft-old-beta", lambda c: c.train("--method", "rft", "--beta", "0.05"), ("--beta was renamed", "--kl-coef")),
     OptionCase("generate-top-p-over-1", lambda c: c.generate("--top-p", "1.5"), ("--top-p",)),
     OptionCase("generate-temperature-negative", lambda c: c.generate("--temperature", "-0.5"), ("--temperature",)),
     OptionCase("generate-max-new-tokens-zero", lambda c: c.generate("--max-new-tokens", "0"), ("--max-new-tokens",)),

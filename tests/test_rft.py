@@ -60,12 +60,12 @@ def test_rloo_advantages_and_kl_against_a_hand_example():
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]])  # the second sequence has 2 tokens
     torch.testing.assert_close(kl_penalty(logps, ref, mask), torch.tensor([0.5 - 1.0 + 0.0, 0.3 - 1.0]))
 
-    # the round's computation: 2 prompts x 2 samples, reward minus beta * summed per-token KL
+    # the round's computation: 2 prompts x 2 samples, reward minus kl_coef * summed per-token KL
     rollouts = [Completion([5, 2], [-1.0, -0.5], ref_logprobs=[-2.0, -0.5]),  # kl 1.0
                 Completion([7], [-0.2], ref_logprobs=[-0.2]),  # kl 0
                 Completion([5, 6, 2], [-1.0, -1.0, -1.0], ref_logprobs=[-0.5, -0.5, -0.5]),  # kl -1.5
                 Completion([2], [-0.3], ref_logprobs=[-1.3])]  # kl 1.0
-    advantages, kl = rollout_advantages(rollouts, [3.0, 1.0, 0.0, 2.0], beta=0.5, n=2)
+    advantages, kl = rollout_advantages(rollouts, [3.0, 1.0, 0.0, 2.0], kl_coef=0.5, n=2)
     torch.testing.assert_close(kl, torch.tensor([1.0, 0.0, -1.5, 1.0]))
     shaped = [3.0 - 0.5, 1.0, 0.0 + 0.75, 2.0 - 0.5]
     torch.testing.assert_close(advantages, torch.tensor([shaped[0] - shaped[1], shaped[1] - shaped[0],
@@ -223,11 +223,11 @@ def measure(policy, ref, reward, tok, prompts, n=16):
 
 
 @pytest.mark.slow
-def test_policy_steps_raise_the_learned_reward_within_the_kl_beta_allows(reward_run, mixed_policy_dir, tmp_path):
+def test_policy_steps_raise_the_learned_reward_within_the_kl_its_coefficient_allows(reward_run, mixed_policy_dir, tmp_path):
     """Against a fixed learned reward (--reward-learning-rate 0), a policy that improves
-    J_beta = E[r] - beta * KL over pi_ref has KL <= (E[r] - E_ref[r]) / beta; a larger beta
-    holds it closer to pi_ref, trading reward for it: under J_1 the beta=1 policy beats the
-    beta=0.1 one."""
+    J_c = E[r] - c * KL over pi_ref (c = --kl-coef) has KL <= (E[r] - E_ref[r]) / c; a larger c
+    holds it closer to pi_ref, trading reward for it: under J_1 the c = 1 policy beats the
+    c = 0.1 one."""
     data = write_jsonl(tmp_path / "demos.jsonl", sort_rows())
     tok = load_tokenizer(mixed_policy_dir)
     prompts = [ChatFormat(tok).prompt_ids([{"role": "user", "content": r["prompt"]}]) for r in sort_rows()]
@@ -236,25 +236,25 @@ def test_policy_steps_raise_the_learned_reward_within_the_kl_beta_allows(reward_
     r0, kl0 = measure(ref, ref, reward, tok, prompts)
     assert abs(kl0) < 1e-3  # pi_0 = pi_ref
     results = {}
-    for beta in (0.1, 1.0):
+    for kl_coef in (0.1, 1.0):
         # 6 rounds of 4 prompts x 8 samples, 2 PPO passes of 2 steps each: small steps, so the
         # KL penalty (zero in round 0, where pi_t = pi_ref) acts before the policy has moved far
-        cfg = RFTConfig(model=str(mixed_policy_dir), data=str(data), output=str(tmp_path / f"b{beta}"),
+        cfg = RFTConfig(model=str(mixed_policy_dir), data=str(data), output=str(tmp_path / f"b{kl_coef}"),
                         reward_model=str(reward_run / "reward_model"), reward_learning_rate=0.0, num_samples=8,
-                        policy_steps=2, learning_rate=1e-3, beta=beta, seed=4, max_new_tokens=MAX_NEW_TOKENS,
+                        policy_steps=2, learning_rate=1e-3, kl_coef=kl_coef, seed=4, max_new_tokens=MAX_NEW_TOKENS,
                         per_device_batch_size=2, lr_scheduler="constant", rounds=6, epochs=1)
         final = rft.train(cfg)
         assert_same_weights(reward_run / "reward_model", final.parent / "reward_model")  # the reward stayed fixed
-        results[beta] = measure(load_policy(ModelConfig(), final, trainable=False), ref, reward, tok, prompts)
+        results[kl_coef] = measure(load_policy(ModelConfig(), final, trainable=False), ref, reward, tok, prompts)
     results["ref"] = (r0, kl0)
     r, kl = results[0.1]
     assert r > r0 + 1.0, results  # a third of the reward's range (-1.65 to 1.3); 5x the seed-to-seed spread
     assert 0 < kl <= (r - r0) / 0.1, results
     r1, kl1 = results[1.0]
-    # the exact optima pi_ref * exp(r / beta) / Z of this nearly two-valued reward have a KL ratio
+    # the exact optima pi_ref * exp(r / kl_coef) / Z of this nearly two-valued reward have a KL ratio
     # of about 2.4 (estimated from 16 samples a prompt); trained policies give 5 to 12
     assert 0 < kl1 < kl / 2, results
-    assert r1 - kl1 > r - kl, results  # J_1(pi_beta=1) > J_1(pi_beta=0.1): the extra KL bought less than its cost
+    assert r1 - kl1 > r - kl, results  # J_1(pi_c=1) > J_1(pi_c=0.1): the extra KL bought less than its cost
 
 
 def test_reward_is_read_at_the_end_of_turn_token(tiny_model_dir, tokenizer):

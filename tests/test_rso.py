@@ -41,7 +41,7 @@ def test_copies_are_one_response_and_pairs_are_disjoint():
     a, b, c = [5, 6, 2], [7, 2], [8, 9, 9, 2]
     candidates = [a, b, list(a), c, list(a), list(b)]
     for seed in range(50):
-        got = choose(candidates, [0.3, -1.0, 0.9, 2.0, 0.1, 5.0], beta=1.0, num_accepted=4, rng=random.Random(seed))
+        got = choose(candidates, [0.3, -1.0, 0.9, 2.0, 0.1, 5.0], rejection_beta=1.0, num_accepted=4, rng=random.Random(seed))
         assert got["rewards"] == [0.3, -1.0, 0.3, 2.0, 0.3, -1.0]
         texts = [tuple(candidates[i]) for i in got["accepted"]]
         assert len(texts) == len(set(texts)) == 3  # three distinct responses, fewer than M = 4
@@ -81,7 +81,7 @@ def _items(run, n_pairs: list[int], ref_noise: float = 0.0) -> list[Pairs]:
 def test_one_step_of_each_loss_raises_the_winners_margin(kind, tiny_model_dir, demo_file, tmp_path):
     """A real optimiser step through the model: pi_theta = pi_SFT at first (margin 0, sigmoid loss
     log 2, hinge 1), then the step raises log pi(y_w) - log pi(y_l) and lowers the loss."""
-    cfg, run, learner = _pairs_run(tiny_model_dir, demo_file, tmp_path, loss=kind, learning_rate=1e-3, gamma=0.5)
+    cfg, run, learner = _pairs_run(tiny_model_dir, demo_file, tmp_path, loss=kind, learning_rate=1e-3, beta=0.5)
     items = _items(run, [2, 1, 3])
     loss = pair_micro_loss(learner, cfg)
     with torch.no_grad():
@@ -185,7 +185,7 @@ def test_implicit_reward_finds_the_base_and_scores_the_log_ratio(wrong_task_mode
     data = write_jsonl(tmp_path / "demos.jsonl", sort_rows(8))
     out = tmp_path / "o"
     run_cli("train", "--method", "rso", "--model", wrong_task_model_dir, "--data", data, "--output", out,
-            "--reward", "implicit", "--base-model", tiny_model_dir, *SMALL, "--max-new-tokens", "12", "--beta", "2")
+            "--reward", "implicit", "--base-model", tiny_model_dir, *SMALL, "--max-new-tokens", "12", "--rejection-beta", "2")
     assert json.loads((out / "manifest.json").read_text())["config"]["base_model"] == str(tiny_model_dir)
     tok = load_tokenizer(out / "final")
     chat = ChatFormat(tok, [tok.eos_token_id])

@@ -16,11 +16,11 @@ from sftjuice.losses import preference_loss
 
 # preference_loss
 
-# Two pairs (winner, loser) of sequence log-probs, gamma = 0.5 for the first, 2 for the second.
+# Two pairs (winner, loser) of sequence log-probs, beta = 0.5 for the first, 2 for the second.
 #   pair 1: policy_w -10, ref_w -12, policy_l -9, ref_l -10
-#           D = (-10 + 12) - (-9 + 10) = 2 - 1 = 1;  gamma*D = 0.5;  policy_w - policy_l = -1
+#           D = (-10 + 12) - (-9 + 10) = 2 - 1 = 1;  beta*D = 0.5;  policy_w - policy_l = -1
 #   pair 2: policy_w -5, ref_w -4, policy_l -6, ref_l -8
-#           D = (-5 + 4) - (-6 + 8) = -1 - 2 = -3;  gamma*D = -6;  policy_w - policy_l = 1
+#           D = (-5 + 4) - (-6 + 8) = -1 - 2 = -3;  beta*D = -6;  policy_w - policy_l = 1
 PAIRS = [(-10.0, -12.0, -9.0, -10.0, 0.5), (-5.0, -4.0, -6.0, -8.0, 2.0)]
 # (kind, pair) -> (loss, margin), written out by hand:
 #   sigmoid:    -log sigmoid(0.5) = log(1 + e^-0.5) = log(1.6065306597) = 0.4740769842
@@ -41,8 +41,8 @@ def _tensors(pw, rw, pl, rl):
 @pytest.mark.parametrize("kind", ["sigmoid", "hinge", "hinge-norm"])
 @pytest.mark.parametrize("pair", [0, 1])
 def test_preference_loss_hand_values(kind, pair):
-    pw, rw, pl, rl, gamma = PAIRS[pair]
-    loss, margin = preference_loss(*_tensors(pw, rw, pl, rl), kind=kind, gamma=gamma)
+    pw, rw, pl, rl, beta = PAIRS[pair]
+    loss, margin = preference_loss(*_tensors(pw, rw, pl, rl), kind=kind, beta=beta)
     want_loss, want_margin = HAND[kind][pair]
     assert loss.item() == pytest.approx(want_loss, abs=1e-9)
     assert margin.item() == pytest.approx(want_margin, abs=1e-12)
@@ -51,17 +51,17 @@ def test_preference_loss_hand_values(kind, pair):
 
 def test_preference_loss_batched_matches_per_pair():
     pw, rw, pl, rl = (torch.tensor([p[i] for p in PAIRS], dtype=torch.float64) for i in range(4))
-    gamma = 0.5
-    loss, margin = preference_loss(pw, rw, pl, rl, "sigmoid", gamma)
-    # pair 2 at gamma 0.5: gamma*D = -1.5, -log sigmoid(-1.5) = log(1 + e^1.5) = 1.7014132779
+    beta = 0.5
+    loss, margin = preference_loss(pw, rw, pl, rl, "sigmoid", beta)
+    # pair 2 at beta 0.5: beta*D = -1.5, -log sigmoid(-1.5) = log(1 + e^1.5) = 1.7014132779
     assert loss.tolist() == pytest.approx([0.4740769842, 1.7014132779], abs=1e-9)
     assert margin.tolist() == pytest.approx([0.5, -1.5])
 
 
-# Gradients of pair 1 (gamma 0.5):
-#   sigmoid: dL/dpolicy_w = -gamma * sigmoid(-gamma*D) = -0.5 * sigmoid(-0.5) = -0.5 * 0.3775406688
+# Gradients of pair 1 (beta 0.5):
+#   sigmoid: dL/dpolicy_w = -beta * sigmoid(-beta*D) = -0.5 * sigmoid(-0.5) = -0.5 * 0.3775406688
 #            = -0.1887703344; dL/dpolicy_l = +0.1887703344; the refs get the opposite signs.
-#   hinge / hinge-norm (inside the hinge): dL/dpolicy_w = -gamma = -0.5, dL/dpolicy_l = +0.5;
+#   hinge / hinge-norm (inside the hinge): dL/dpolicy_w = -beta = -0.5, dL/dpolicy_l = +0.5;
 #            hinge has no reference, hinge-norm's refs get +0.5 and -0.5.
 GRADS = {
     "sigmoid": (-0.1887703344, 0.1887703344, 0.1887703344, -0.1887703344),
@@ -72,9 +72,9 @@ GRADS = {
 
 @pytest.mark.parametrize("kind", ["sigmoid", "hinge", "hinge-norm"])
 def test_preference_loss_gradient_signs(kind):
-    pw, rw, pl, rl, gamma = PAIRS[0]
+    pw, rw, pl, rl, beta = PAIRS[0]
     xs = _tensors(pw, rw, pl, rl)
-    loss, _ = preference_loss(*xs, kind=kind, gamma=gamma)
+    loss, _ = preference_loss(*xs, kind=kind, beta=beta)
     loss.backward()
     grad_w, grad_l = xs[0].grad.item(), xs[2].grad.item()
     assert grad_w < 0  # raising the winner's log-prob lowers the loss
@@ -88,9 +88,9 @@ def test_preference_loss_gradient_signs(kind):
 
 @pytest.mark.parametrize("kind", ["hinge", "hinge-norm"])
 def test_hinge_has_no_gradient_past_margin_one(kind):
-    # policy_w - policy_l = 4 and D = 4 (equal references): gamma * 4 = 2 > 1, the hinge is flat
+    # policy_w - policy_l = 4 and D = 4 (equal references): beta * 4 = 2 > 1, the hinge is flat
     xs = _tensors(0.0, -3.0, -4.0, -3.0)
-    loss, margin = preference_loss(*xs, kind=kind, gamma=0.5)
+    loss, margin = preference_loss(*xs, kind=kind, beta=0.5)
     assert margin.item() == 2.0 and loss.item() == 0.0
     loss.backward()
     assert xs[0].grad.item() == 0.0 and xs[2].grad.item() == 0.0
@@ -106,7 +106,7 @@ def test_preference_loss_arguments():
         preference_loss(x, x, x, x, "logistic", 1.0)
 
 
-# accept: rejection sampling towards pi* ∝ pi exp(r / beta)
+# accept: rejection sampling towards pi* ∝ pi exp(r / rejection_beta)
 
 PI = [0.4, 0.3, 0.2, 0.1]
 REWARDS = [0.0, 1.0, 2.0, 3.0]
@@ -116,24 +116,24 @@ def _tv(p, q):
     return 0.5 * sum(abs(a - b) for a, b in zip(p, q))
 
 
-def _accepted_distribution(beta: float, num_candidates: int, trials: int, seed: int) -> list[float]:
+def _accepted_distribution(rejection_beta: float, num_candidates: int, trials: int, seed: int) -> list[float]:
     """How often each outcome is the (single) accepted one when the candidates are iid from PI."""
     rng = random.Random(seed)
     counts = [0] * len(PI)
     for _ in range(trials):
         outcomes = rng.choices(range(len(PI)), weights=PI, k=num_candidates)
-        (i,) = accept([REWARDS[o] for o in outcomes], beta, 1, rng)
+        (i,) = accept([REWARDS[o] for o in outcomes], rejection_beta, 1, rng)
         counts[outcomes[i]] += 1
     return [c / trials for c in counts]
 
 
-def _target(beta: float) -> list[float]:
-    w = [p * math.exp(r / beta) for p, r in zip(PI, REWARDS)]
+def _target(rejection_beta: float) -> list[float]:
+    w = [p * math.exp(r / rejection_beta) for p, r in zip(PI, REWARDS)]
     return [x / sum(w) for x in w]
 
 
 def test_accepted_candidate_follows_the_optimal_policy():
-    """pi* = PI * e^r / Z = [0.0851, 0.1734, 0.3143, 0.4272] at beta 1.
+    """pi* = PI * e^r / Z = [0.0851, 0.1734, 0.3143, 0.4272] at rejection_beta 1.
 
     With N finite the scheme is exact only approximately: r_max is the largest reward *among the
     candidates*, and 0.9^N of the time the top outcome (reward 3, prob 0.1) is missing, when it
@@ -144,9 +144,9 @@ def test_accepted_candidate_follows_the_optimal_policy():
     TV < 0.03 leaves room for the bias plus a > 4 sd noise excursion, and a sampler that ignored
     the reward (TV(PI, pi*) = 0.37) or a best-of-N (TV 0.57) fails it by far."""
     target = _target(1.0)
-    got = _accepted_distribution(beta=1.0, num_candidates=16, trials=20000, seed=0)
+    got = _accepted_distribution(rejection_beta=1.0, num_candidates=16, trials=20000, seed=0)
     tv = _tv(got, target)
-    print(f"\naccept N=16 beta=1 20000 trials: target {[round(t, 4) for t in target]}, "
+    print(f"\naccept N=16 rejection_beta=1 20000 trials: target {[round(t, 4) for t in target]}, "
           f"accepted {[round(g, 4) for g in got]}, TV {tv:.4f}")
     assert tv < 0.03
     assert _tv(PI, target) > 0.3  # the test can tell pi* from pi
@@ -155,19 +155,19 @@ def test_accepted_candidate_follows_the_optimal_policy():
 def test_too_few_candidates_for_the_reward_spread_are_biased():
     """The finite-N caveat, measured: with N = 4 the top outcome is missing from 66% of the
     candidate sets and the accepted distribution sits far from pi* (TV about 0.14)."""
-    tv = _tv(_accepted_distribution(beta=1.0, num_candidates=4, trials=5000, seed=1), _target(1.0))
-    print(f"\naccept N=4 beta=1 5000 trials: TV {tv:.4f}")
+    tv = _tv(_accepted_distribution(rejection_beta=1.0, num_candidates=4, trials=5000, seed=1), _target(1.0))
+    print(f"\naccept N=4 rejection_beta=1 5000 trials: TV {tv:.4f}")
     assert tv > 0.09
 
 
-def test_huge_beta_is_plain_sampling():
-    got = _accepted_distribution(beta=1e9, num_candidates=16, trials=20000, seed=2)
+def test_huge_rejection_beta_is_plain_sampling():
+    got = _accepted_distribution(rejection_beta=1e9, num_candidates=16, trials=20000, seed=2)
     tv = _tv(got, PI)
-    print(f"\naccept N=16 beta=1e9 20000 trials: accepted {[round(g, 4) for g in got]}, TV to pi {tv:.4f}")
+    print(f"\naccept N=16 rejection_beta=1e9 20000 trials: accepted {[round(g, 4) for g in got]}, TV to pi {tv:.4f}")
     assert tv < 0.03
 
 
-def test_tiny_beta_is_best_of_n():
+def test_tiny_rejection_beta_is_best_of_n():
     rng = random.Random(3)
     for _ in range(200):
         rewards = [rng.gauss(0, 1) for _ in range(10)]
@@ -182,12 +182,12 @@ def test_tiny_beta_is_best_of_n():
 
 def test_accepts_distinct_candidates_and_all_when_too_few():
     rng = random.Random(4)
-    for beta in (0.1, 1.0, 10.0):
+    for rejection_beta in (0.1, 1.0, 10.0):
         for _ in range(100):
             rewards = [rng.uniform(-3, 3) for _ in range(20)]
-            got = accept(rewards, beta, 8, rng)
+            got = accept(rewards, rejection_beta, 8, rng)
             assert len(got) == 8 and len(set(got)) == 8 and all(0 <= i < 20 for i in got)
-    # fewer candidates than M: all of them, in acceptance order (best first when beta is tiny)
+    # fewer candidates than M: all of them, in acceptance order (best first when rejection_beta is tiny)
     assert accept([0.5, 2.0, -1.0], 1e-9, 8, rng) == [1, 0, 2]
     got = accept([0.5, 2.0, -1.0], 1.0, 8, rng)
     assert sorted(got) == [0, 1, 2]
@@ -198,9 +198,9 @@ def test_accepts_distinct_candidates_and_all_when_too_few():
 
 def test_accept_arguments():
     rng = random.Random(5)
-    for beta in (0.0, -1.0, float("nan")):
-        with pytest.raises(ValueError, match="beta"):
-            accept([1.0, 2.0], beta, 1, rng)
+    for rejection_beta in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="rejection_beta"):
+            accept([1.0, 2.0], rejection_beta, 1, rng)
     with pytest.raises(ValueError, match="finite"):
         accept([1.0, float("inf")], 1.0, 1, rng)
     with pytest.raises(ValueError, match="num_accepted"):

@@ -39,6 +39,37 @@ def _f(default, help: str, *, gt=None, ge=None, le=None, lt=None, alias: str | N
     return field(default=default, metadata=meta)
 
 
+class _Narrowed(typing.NamedTuple):
+    default: object
+    changes: dict
+
+
+def _narrowed(default, **changes) -> _Narrowed:
+    """A ``_defaults`` entry that also narrows the option's range (``gt``/``ge``/``le``/``lt``)
+    or adds an ``alias``."""
+    return _Narrowed(default, changes)
+
+
+def config(cls):
+    """``@dataclass`` for a config class. Its ``_defaults`` (option name -> default, or
+    ``_narrowed(...)``) re-declares options it inherits with the defaults it changes, keeping
+    their type, help and range: each option is declared, and its help written, once."""
+    own = cls.__dict__.get("__annotations__")
+    if own is None:
+        cls.__annotations__ = own = {}
+    for name, change in cls.__dict__.get("_defaults", {}).items():
+        base = next(vars(c)["__dataclass_fields__"][name] for c in cls.__mro__[1:]
+                    if name in vars(c).get("__dataclass_fields__", {}))
+        default, changes = change if isinstance(change, _Narrowed) else (change, {})
+        meta = dict(base.metadata)
+        for side in ({"gt", "ge"}, {"lt", "le"}):  # a new bound replaces the old one on its side
+            if side & changes.keys():
+                meta = {k: v for k, v in meta.items() if k not in side}
+        own[name] = base.type
+        setattr(cls, name, _f(default, **{**meta, **changes}))
+    return dataclass(cls)
+
+
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -72,7 +103,7 @@ class Checked:
 # ----------------------------------------------------------------- shared option groups
 
 
-@dataclass
+@config
 class ModelConfig(Checked):
     model: str = _f(DEFAULT_MODEL, "HF model directory, hub id in the local cache, or 'smollm2-135m-instruct'")
     lora: bool = _f(False, "train a LoRA adapter instead of all weights")
@@ -87,7 +118,7 @@ class ModelConfig(Checked):
     seed: int = _f(0, "random seed (data order, sampling, initialisation)", ge=0)
 
 
-@dataclass
+@config
 class DataConfig(Checked):
     data: str | None = _f(None, "demonstrations: JSONL / JSON file or a `datasets` directory")
     skip_invalid: bool = _f(False, "skip invalid rows (counted and reported) instead of stopping")
@@ -95,7 +126,7 @@ class DataConfig(Checked):
     max_length: int = _f(1024, "prompt + completion tokens; longer completions are truncated (and counted)", ge=2)
 
 
-@dataclass
+@config
 class SamplingConfig(Checked):
     num_samples: int = _f(1, "responses sampled per prompt", ge=1)
     temperature: float = _f(1.0, "sampling temperature; 0 = greedy", ge=0)
@@ -113,7 +144,7 @@ class SamplingConfig(Checked):
 # ----------------------------------------------------------------------- training
 
 
-@dataclass
+@config
 class TrainConfig(ModelConfig, DataConfig):
     """What every training method takes."""
     method: str = _f("sft", "training method: sft, irft, spin, rft, srppo, rso, steps, rest")
@@ -146,22 +177,64 @@ class TrainConfig(ModelConfig, DataConfig):
             raise SftjuiceError(f"--method {self.method}: {type(self).__name__} is --method {expected}")
 
 
-@dataclass
-class SFTConfig(TrainConfig):
+# Option groups that some methods share, mixed in before TrainConfig (SPIN counts
+# --iterations: it takes neither epochs nor rounds).
+
+
+@config
+class EpochsConfig(Checked):
+    epochs: float = _f(1.0, "passes over the data", gt=0)
+
+
+@config
+class RoundsConfig(EpochsConfig):
+    rounds: int = _f(4, "T: generation rounds per epoch; each round samples for its section of the data, then trains on it", ge=1)
+
+
+@config
+class PairLossConfig(Checked):
+    """Methods that fit pairs (chosen, rejected) by their log-prob margins: IRFT, SPIN, RSO, steps."""
+    beta: float = _f(0.1, "the pair loss's scale on the log-prob margins to the reference (DPO's beta); "
+                     "irft/spin: the implicit reward is beta * log(pi / pi_t)", gt=0)
+
+
+@config
+class ImplicitRewardConfig(Checked):
+    """The implicit reward log pi_SFT(y|x) - log pi_base(y|x) of SRPPO and of RSO's --reward implicit."""
+    base_model: str | None = _f(None, "implicit reward: pi_base, the pretrained model --model was fine-tuned from; default: "
+                                "the starting model of the sftjuice SFT run whose OUTPUT/final is --model")
+    no_eos_penalty: float = _f(-1.0, "implicit reward of a sample cut at --max-new-tokens (no end of turn), instead of its "
+                               "log-ratio; in nats, 0 = pi_SFT and pi_base agree")
+
+
+# ------------------------------------------------------------------------ methods
+
+
+@config
+class SFTConfig(EpochsConfig, TrainConfig):
     """SFT: minimise -log pi(y^E|x) over the demonstrations."""
-    method: str = _f("sft", "training method")
-    epochs: float = _f(1.0, "passes over the demonstrations", gt=0)
+    # defaults this method changes
+    _defaults = dict(method="sft")
 
 
-@dataclass
+@config
 class OnlineConfig(TrainConfig, SamplingConfig):
     """Methods that sample rounds from the policy being trained."""
+    # defaults these methods change: they start from an SFT model, so a smaller, constant rate (docs/methods.md)
+    _defaults = dict(learning_rate=1e-5 / 3, lr_scheduler="constant")
 
 
-class PolicyGradientConfig(OnlineConfig):
+@config
+class PolicyGradientConfig(RoundsConfig, OnlineConfig):
     """RFT and SRPPO: PPO-clip and a KL estimate on samples of pi_t. Both take the samples to
     come from pi_t itself, whose untempered log-probs are the ratio's denominator and the
     KL's; a temperature or nucleus would sample another policy and bias both."""
+    policy_steps: int = _f(1, "K: PPO-clip passes over a round's samples; 0 (rft only) trains the reward alone", ge=0)
+    kl_coef: float = _f(0.1, "weight of the per-token KL to pi_ref = pi_SFT (the starting model) in the policy's reward", ge=0)
+    clip_range: float = _f(0.2, "PPO-clip epsilon on the ratio pi_theta / pi_t of a whole sample", gt=0, lt=1)
+    # defaults these methods change: at least 2 samples a prompt (RLOO baselines each by the
+    # others), and fewer prompts a batch, each carrying its samples
+    _defaults = dict(num_samples=_narrowed(2, ge=2), per_device_batch_size=4)
 
     def check(self) -> None:
         super().check()
@@ -171,33 +244,30 @@ class PolicyGradientConfig(OnlineConfig):
                                     "policy its PPO ratio and KL estimate divide by")
 
 
-@dataclass
-class PairConfig(OnlineConfig):
+@config
+class PairConfig(PairLossConfig, OnlineConfig):
     """The implicit-reward pair loss of IRFT and SPIN."""
     passes: int = _f(1, "K: passes over a round's (demonstration, sample) pairs", ge=1)
-    beta: float = _f(0.1, "KL weight; implicit reward = beta * log(pi / pi_t)", gt=0)
     loss: Literal["logistic", "linear", "hinge"] = _f("logistic", "l(u): logistic (SPIN), linear (exact IRL gradient), hinge")
     keep_previous_round: bool = _f(False, "also train on the previous round's samples, re-scored by the current pi_t (SPIN's practice)")
     sft_weight: float = _f(0.0, "add this weight times the demonstration's per-token NLL to each pair's loss", ge=0)
     eval_data: str | None = _f(None, "held-out demonstrations: each round reports the implicit-reward margin on them")
     eval_size: int = _f(64, "at most this many --eval-data rows", ge=1)
-    learning_rate: float = _f(1e-5 / 3, "peak learning rate (AdamW)", gt=0)
-    lr_scheduler: Literal["constant", "linear", "cosine"] = _f("constant", "learning-rate schedule after warmup")
 
 
-@dataclass
-class IRFTConfig(PairConfig):
+@config
+class IRFTConfig(RoundsConfig, PairConfig):
     """IRFT (Algorithm 2): T generation rounds per epoch, K passes of the pair loss each."""
-    method: str = _f("irft", "training method")
-    epochs: float = _f(1.0, "passes over the demonstrations", gt=0)
-    rounds: int = _f(4, "T: generation rounds per epoch; each round samples for its section of the data", ge=1)
+    # defaults this method changes
+    _defaults = dict(method="irft")
 
 
-@dataclass
+@config
 class SPINConfig(PairConfig):
     """SPIN (Chen et al. 2024): IRFT with one generation round over the whole data per iteration."""
-    method: str = _f("spin", "training method")
     iterations: int = _f(1, "generation rounds over the whole data", ge=1)
+    # defaults this method changes
+    _defaults = dict(method="spin")
 
     @property
     def rounds(self) -> int:
@@ -208,23 +278,15 @@ class SPINConfig(PairConfig):
         return float(self.iterations)
 
 
-@dataclass
+@config
 class RFTConfig(PolicyGradientConfig):
     """RFT (Algorithm 1): an explicit reward model, then KL-regularised RL against it."""
-    method: str = _f("rft", "training method")
-    epochs: float = _f(1.0, "passes over the demonstrations", gt=0)
-    rounds: int = _f(4, "T: generation rounds per epoch; each round samples for its section of the data", ge=1)
-    num_samples: int = _f(2, "responses sampled per prompt (>= 2: RLOO baselines each by the others)", ge=2)
-    per_device_batch_size: int = _f(4, "prompts per process per micro-batch, each with its --num-samples samples", ge=1)
-    policy_steps: int = _f(1, "K: PPO-clip passes over a round's samples against the current reward", ge=0)
-    beta: float = _f(0.1, "weight of the per-token KL to pi_ref in the policy's reward", ge=0)
     reward_loss: Literal["logistic", "linear"] = _f("logistic", "reward-step l(u): logistic (Bradley-Terry) or linear (exact IRL gradient; needs --reward-l2)")
     reward_l2: float = _f(0.0, "L2 penalty on the reward values of each pair, bounds the linear loss", ge=0)
     reward_model: str | None = _f(None, "reward model's starting point (HF directory); default: the policy's starting model")
     reward_learning_rate: float = _f(2e-5, "reward model's peak learning rate (AdamW, same schedule as the policy's; 0 keeps the reward fixed)", ge=0)
-    clip_range: float = _f(0.2, "PPO-clip epsilon on the ratio pi_theta / pi_t of a whole sample", gt=0, lt=1)
-    learning_rate: float = _f(1e-5 / 3, "peak learning rate (AdamW)", gt=0)
-    lr_scheduler: Literal["constant", "linear", "cosine"] = _f("constant", "learning-rate schedule after warmup")
+    # defaults this method changes
+    _defaults = dict(method="rft")
 
     def check(self) -> None:
         super().check()
@@ -232,86 +294,67 @@ class RFTConfig(PolicyGradientConfig):
             raise SftjuiceError("--reward-loss linear is unbounded below: bound the rewards with --reward-l2 > 0")
 
 
-@dataclass
-class SRPPOConfig(PolicyGradientConfig):
+@config
+class SRPPOConfig(ImplicitRewardConfig, PolicyGradientConfig):
     """Self-Rewarding PPO (Zhang et al. 2025): reward log pi_SFT(y|x) - log pi_base(y|x), KL-regularised RL from pi_SFT."""
-    method: str = _f("srppo", "training method")
-    epochs: float = _f(1.0, "passes over the prompts", gt=0)
-    rounds: int = _f(4, "T: generation rounds per epoch; each round samples for its section of the prompts", ge=1)
-    num_samples: int = _f(4, "responses sampled per prompt (>= 2: RLOO baselines each by the others)", ge=2)
-    per_device_batch_size: int = _f(4, "prompts per process per micro-batch, each with its --num-samples samples", ge=1)
-    policy_steps: int = _f(1, "K: PPO-clip passes over a round's samples", ge=1)
-    kl_coef: float = _f(0.05, "weight of the per-token KL to pi_ref = pi_SFT (the starting model) in the policy's reward", ge=0)
-    clip_range: float = _f(0.2, "PPO-clip epsilon on the ratio pi_theta / pi_t of a whole sample", gt=0, lt=1)
-    base_model: str | None = _f(None, "pi_base, the pretrained model --model was fine-tuned from; default: the starting "
-                                "model of the sftjuice SFT run whose OUTPUT/final is --model")
-    no_eos_penalty: float = _f(-1.0, "reward of a sample cut at --max-new-tokens (no end of turn), instead of its "
-                               "log-ratio; in nats, 0 = pi_SFT and pi_base agree")
     prompts: str | None = _f(None, "extra unlabelled prompts (JSONL / JSON / datasets dir; completions ignored) sampled "
                              "and trained on with --data's; only --data's demonstrations are ranked in the metrics")
-    learning_rate: float = _f(1e-5 / 3, "peak learning rate (AdamW)", gt=0)
-    lr_scheduler: Literal["constant", "linear", "cosine"] = _f("constant", "learning-rate schedule after warmup")
+    # defaults this method changes
+    _defaults = dict(method="srppo", num_samples=4, kl_coef=0.05)
+
+    def check(self) -> None:
+        super().check()
+        if self.policy_steps < 1:  # unlike RFT's, its reward does not train: 0 would train nothing
+            raise SftjuiceError(f"--policy-steps {self.policy_steps}: --method srppo trains only the policy: must be >= 1")
 
 
-@dataclass
-class VerifiedConfig(OnlineConfig):
+@config
+class VerifiedConfig(RoundsConfig, OnlineConfig):
     """Methods that keep what a verifier accepts among the policy's own solutions (Setlur et al. 2024)."""
-    epochs: float = _f(1.0, "passes over the prompts", gt=0)
-    rounds: int = _f(4, "T: generation rounds per epoch; each round samples for its section of the prompts", ge=1)
-    num_samples: int = _f(4, "solutions sampled per prompt from the current policy (paper: 8)", ge=1)
     verifier: str | None = _f(None, "answer verifier: a built-in one (exact, steps) or module:function; default exact")
     max_positives: int = _f(2, "distinct verified-correct solutions kept per prompt (paper: up to 4 of 8)", ge=1)
-    learning_rate: float = _f(1e-5 / 3, "peak learning rate (AdamW)", gt=0)
-    lr_scheduler: Literal["constant", "linear", "cosine"] = _f("constant", "learning-rate schedule after warmup")
+    # defaults these methods change: the paper's 8 samples, scaled down for a CPU
+    _defaults = dict(num_samples=4)
 
 
-@dataclass
+@config
 class RestConfig(VerifiedConfig):
     """Positive-only self-training (RFT/ReST-style): SFT on the policy's own verified-correct solutions."""
-    method: str = _f("rest", "training method")
+    # defaults this method changes
+    _defaults = dict(method="rest")
 
 
-@dataclass
-class StepsConfig(VerifiedConfig):
+@config
+class StepsConfig(PairLossConfig, VerifiedConfig):
     """Per-step negatives (Setlur et al. 2024): DPO of a verified solution over a wrong one cut at its first pit."""
-    method: str = _f("steps", "training method")
     max_negatives: int = _f(2, "wrong solutions per prompt made into negatives (paper: 8)", ge=1)
     rollouts: int = _f(3, "K: completions of pi_SFT from each step prefix of a negative (paper: 5)", ge=1)
     value: Literal["any", "mean"] = _f("any", "a prefix's value from its rollouts: any verifies (the paper's) or their mean score")
     credit: Literal["step", "response"] = _f(
         "step", "step: the negative is cut after its first pit; response: the whole wrong solution (no rollouts)")
-    beta: float = _f(0.1, "DPO beta against pi_SFT (the starting model)", gt=0)
     sft_weight: float = _f(0.0, "add this weight times the verified positive's per-token NLL to each pair's loss", ge=0)
+    # defaults this method changes
+    _defaults = dict(method="steps")
 
 
-@dataclass
-class RSOConfig(OnlineConfig):
-    """RSO (Liu et al. 2024): rejection-sample pairs towards pi* ∝ pi_SFT exp(r/beta) from N candidates of the frozen starting model, then fit them with a DPO/SLiC loss."""
-    method: str = _f("rso", "training method")
-    epochs: float = _f(1.0, "passes over the prompts", gt=0)
-    rounds: int = _f(4, "sections of the data per epoch: each draws its candidates (all from the frozen starting model "
-                     "pi_SFT, so rounds only make the draw resumable piecewise), then trains on its pairs", ge=1)
-    num_samples: int = _f(16, "N: candidates drawn from pi_SFT per prompt (the paper: 64)", ge=2, alias="num-candidates")
-    temperature: float = _f(0.7, "sampling temperature of the candidates (the paper's)", gt=0)
+@config
+class RSOConfig(RoundsConfig, PairLossConfig, ImplicitRewardConfig, OnlineConfig):
+    """RSO (Liu et al. 2024): rejection-sample pairs towards pi* ∝ pi_SFT exp(r/rejection_beta) from N candidates of the frozen starting model, then fit them with a DPO/SLiC loss."""
     num_accepted: int = _f(8, "M: distinct candidates kept per prompt by rejection sampling; they form M/2 random pairs", ge=2)
     reward: Literal["model", "implicit"] = _f(
         "model", "model: a sequence-classification reward (--reward-model); implicit: log pi_SFT(y) - log pi_base(y) (--base-model)")
     reward_model: str | None = _f(None, "--reward model: an AutoModelForSequenceClassification directory with the "
                                   "policy's tokenizer, e.g. an RFT run's OUTPUT/reward_model")
-    base_model: str | None = _f(None, "--reward implicit: pi_base, the model --model was fine-tuned from; default: the "
-                                "starting model of the sftjuice SFT run whose OUTPUT/final is --model")
-    no_eos_penalty: float = _f(-1.0, "--reward implicit: reward of a candidate cut at --max-new-tokens (no end of turn), "
-                               "instead of its log-ratio; in nats")
-    beta: float = _f(0.5, "rejection sampling's temperature, in the reward's units (retune per reward): "
-                     "near 0 = best-of-N, large = plain sampling", gt=0)
-    gamma: float = _f(0.05, "the loss's scale on the log-prob margins (DPO's beta)", gt=0)
+    rejection_beta: float = _f(0.5, "rejection sampling's temperature: it draws towards pi* ∝ pi_SFT exp(r / rejection_beta); "
+                               "in the reward's units (retune per reward): near 0 = best-of-N, large = plain sampling. "
+                               "Formerly --beta, which is now the DPO coefficient (formerly --gamma): an old --beta is not caught", gt=0)
     loss: Literal["sigmoid", "hinge", "hinge-norm"] = _f(
         "sigmoid", "sigmoid (DPO), hinge (SLiC: no reference), hinge-norm (hinge on DPO's reference-normalised margin)")
     passes: int = _f(1, "passes over a round's pairs", ge=1)
-    per_device_batch_size: int = _f(2, "prompts per process per micro-batch, each with its accepted pairs", ge=1)
-    gradient_accumulation_steps: int = _f(4, "micro-batches per optimiser step", ge=1)
-    learning_rate: float = _f(1e-5 / 3, "peak learning rate (AdamW)", gt=0)
-    lr_scheduler: Literal["constant", "linear", "cosine"] = _f("constant", "learning-rate schedule after warmup")
+    # defaults this method changes: N candidates (the paper: 64, here --num-candidates too) at
+    # the paper's temperature, which must be > 0 (greedy would draw one candidate N times)
+    _defaults = dict(method="rso", num_samples=_narrowed(16, ge=2, alias="num-candidates"), temperature=_narrowed(0.7, gt=0),
+                     beta=0.05, per_device_batch_size=2, gradient_accumulation_steps=4)
 
     def check(self) -> None:
         super().check()
@@ -330,6 +373,22 @@ METHOD_CONFIGS: dict[str, type[TrainConfig]] = {
 }
 
 
+# Options renamed so that a name has one meaning (issue 24), per method: old -> (new, what it is).
+# An old name the method no longer takes stops with a pointer to the new one. RSO's old --beta
+# (now --rejection-beta) cannot be caught: --beta is now its DPO coefficient, the old --gamma.
+RENAMED = {"rft": {"beta": ("kl_coef", "RFT's per-token KL coefficient")},
+           "rso": {"gamma": ("beta", "RSO's DPO coefficient"), "beta": ("rejection_beta", "RSO's rejection-sampling beta")}}
+
+
+def saved_under_new_names(method: str, saved: dict) -> dict:
+    """The options a run saved (its manifest's config), under today's names: a run started
+    before the renames keeps its old ones, recognised by an old name its method no longer takes."""
+    renames = RENAMED.get(method, {})
+    if not renames or all(old in _field_names(METHOD_CONFIGS[method]) for old in renames.keys() & saved.keys()):
+        return saved
+    return {renames[k][0] if k in renames else k: v for k, v in saved.items()}
+
+
 def method_config(method: str) -> type[TrainConfig]:
     if method not in METHOD_CONFIGS:
         raise SftjuiceError(f"--method {method}: must be one of {', '.join(METHOD_CONFIGS)}")
@@ -339,19 +398,19 @@ def method_config(method: str) -> type[TrainConfig]:
 # ------------------------------------------------------------------- other commands
 
 
-@dataclass
+@config
 class GenerateConfig(ModelConfig, DataConfig, SamplingConfig):
     output: str | None = _f(None, "JSONL file for the samples")
 
 
-@dataclass
+@config
 class RewardScoreConfig(DataConfig):
     reward_model: str | None = _f(None, "reward model directory (e.g. OUTPUT/reward_model of an RFT run)")
     output: str | None = _f(None, "JSONL file: the input rows, each with its 'reward'")
     batch_size: int = _f(16, "sequences scored together", ge=1)
 
 
-@dataclass
+@config
 class EvalConfig(ModelConfig, SamplingConfig):
     judge: str = _f("verifier", "verifier (final-answer match), loglik (reference log-prob per token), "
                     "gap (log-prob gap on --pairs), or a reward-model directory")
@@ -362,9 +421,10 @@ class EvalConfig(ModelConfig, SamplingConfig):
     pairs: str | None = _f(None, "--judge gap: JSONL of {prompt, chosen, rejected}; --model may be a training output folder")
     responses: str | None = _f(None, "--model's responses as prompt/completion rows (e.g. sftjuice generate output), not generated")
     baseline_responses: str | None = _f(None, "--baseline's responses, as --responses")
-    temperature: float = _f(0.0, "sampling temperature; 0 = greedy (the default for evaluation)", ge=0)
     skip_invalid: bool = _f(False, "skip invalid rows (counted and reported) instead of stopping")
     batch_size: int = _f(16, "sequences scored together (log-likelihood, reward model, gap)", ge=1)
+    # defaults this command changes: greedy answers
+    _defaults = dict(temperature=0.0)
 
 
 # ------------------------------------------------------------------------ parsing
@@ -386,6 +446,9 @@ def _check_names(cls, names: list[str], source: str) -> None:
         key = name.replace("-", "_")
         if key in known:
             continue
+        if issubclass(cls, TrainConfig) and key in RENAMED.get(cls().method, {}):
+            new, what = RENAMED[cls().method][key]
+            raise SftjuiceError(f"{source}{flag(key)} was renamed: use {flag(new)} ({what})")
         takers = [m for m, c in METHOD_CONFIGS.items() if key in _field_names(c)]
         if issubclass(cls, TrainConfig) and takers:
             raise SftjuiceError(f"{source}{flag(key)} is not used by --method {cls().method}; "
@@ -464,11 +527,12 @@ def _parser(cls, prog: str):
         names = [flag(f.name)] + ([f"--{f.name}"] if "_" in f.name else []) + (
             [flag(f.metadata["alias"])] if "alias" in f.metadata else [])
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        bounds = _range_text(f.metadata)
         kind = _types(cls)[f.name][0]
         tri_state = "true" in _types(cls)[f.name][1]
         extra = {"nargs": "?", "const": "true"} if kind is bool or tri_state else {"nargs": "+"} if kind is list else {}
         parser.add_argument(*names, dest=f.name, metavar=f.name.upper() if kind is not bool else None,
-                            help=f"{f.metadata.get('help', '')} (default: {default})", **extra)
+                            help=f"{f.metadata.get('help', '')} ({bounds + '; ' if bounds else ''}default: {default})", **extra)
     return parser
 
 

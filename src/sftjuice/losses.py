@@ -8,7 +8,7 @@ With ``u`` the margin between the demonstration and a model's own sample,
          logistic ``l(u) = log(1+e^-u)`` is SPIN's (and DPO's) loss; linear ``-u`` is the
          exact maximum-likelihood IRL gradient; hinge ``max(0, 1-u)`` is SLiC's;
 - RFT reward step: the same ``l`` on an explicit reward model's scores;
-- RFT policy step: PPO-clip on RLOO advantages of ``r - beta * sum_t log(pi/pi_ref)``.
+- RFT policy step: PPO-clip on RLOO advantages of ``r - kl_coef * sum_t log(pi/pi_ref)``.
 """
 
 from __future__ import annotations
@@ -76,8 +76,8 @@ def reward_pair_loss(
 def kl_penalty(logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Per-token KL estimate ``log pi(y_t) - log pi_ref(y_t)`` (k1) summed over the response
     tokens, per sequence. For ``y ~ pi`` it is unbiased for ``KL(pi(.|x) || pi_ref(.|x))``,
-    and ``r - beta * kl_penalty`` used as a REINFORCE reward gives the exact gradient of
-    ``E[r] - beta * KL`` (what the closed form ``pi_ref * exp(r / beta)`` maximises)."""
+    and ``r - kl_coef * kl_penalty`` used as a REINFORCE reward gives the exact gradient of
+    ``E[r] - kl_coef * KL`` (what the closed form ``pi_ref * exp(r / kl_coef)`` maximises)."""
     return ((logps - ref_logps) * mask).sum(-1)
 
 
@@ -116,30 +116,30 @@ def preference_loss(
     policy_l: torch.Tensor,
     ref_l: torch.Tensor | None,
     kind: PreferenceLoss,
-    gamma: float,
+    beta: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss per (winner, loser) pair from sequence log-probs (sums over response tokens),
     the three losses RSO compares (Liu et al. 2024, ALGORITHMS.md "RSO" step 5):
 
-    - ``sigmoid`` (DPO): ``-log sigmoid(gamma * D)``, ``D = [log pi/pi_ref](y_w) - [log pi/pi_ref](y_l)``;
-      its optimum is ``pi_ref * exp(r / gamma)`` for the reward that ranked the pairs;
-    - ``hinge`` (SLiC): ``max(0, 1 - gamma * [log pi(y_w) - log pi(y_l)])``, no reference: the
+    - ``sigmoid`` (DPO): ``-log sigmoid(beta * D)``, ``D = [log pi/pi_ref](y_w) - [log pi/pi_ref](y_l)``;
+      its optimum is ``pi_ref * exp(r / beta)`` for the reward that ranked the pairs;
+    - ``hinge`` (SLiC): ``max(0, 1 - beta * [log pi(y_w) - log pi(y_l)])``, no reference: the
       policy may drift anywhere once the margin is met (the paper finds it reward-hacks), so
       ``ref_w`` and ``ref_l`` are ignored and may be None;
-    - ``hinge-norm``: ``max(0, 1 - gamma * D)``, SLiC's hinge on DPO's reference-normalised margin.
+    - ``hinge-norm``: ``max(0, 1 - beta * D)``, SLiC's hinge on DPO's reference-normalised margin.
 
-    Per-step negatives (Setlur et al. 2024) use ``sigmoid`` with ``gamma`` = their DPO beta,
+    Per-step negatives (Setlur et al. 2024) use ``sigmoid`` (DPO, their ``beta``),
     the loser being the wrong response cut after its first pit.
 
     Returns ``(loss, margin)``: the loss per pair and the detached margin inside it
-    (``gamma * D``, or ``gamma * [log pi(y_w) - log pi(y_l)]`` for ``hinge``), the number to log:
+    (``beta * D``, or ``beta * [log pi(y_w) - log pi(y_l)]`` for ``hinge``), the number to log:
     positive when the policy already prefers the winner."""
     if kind == "hinge":
-        margin = gamma * (policy_w - policy_l)
+        margin = beta * (policy_w - policy_l)
         return margin_loss(margin, "hinge"), margin.detach()
     if kind not in ("sigmoid", "hinge-norm"):
         raise ValueError(f"unknown preference loss '{kind}'")
     if ref_w is None or ref_l is None:
         raise ValueError(f"the '{kind}' loss needs the reference log-probs")
-    margin = gamma * ((policy_w - ref_w) - (policy_l - ref_l))
+    margin = beta * ((policy_w - ref_w) - (policy_l - ref_l))
     return margin_loss(margin, "logistic" if kind == "sigmoid" else "hinge"), margin.detach()

@@ -32,7 +32,8 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DistributedType, set_seed
 
-from .config import SamplingConfig, SftjuiceError, TrainConfig, config_dict, flag, require, save_config
+from .config import (SamplingConfig, SftjuiceError, TrainConfig, config_dict, flag, require, save_config,
+                     saved_under_new_names)
 from .data import ChatFormat, Demonstration, Example, collate, collate_shared, load_demonstrations
 from .progress import bar as progress_bar
 from .models import load_policy, load_tokenizer, resolve_model, save_model, stop_token_ids, use_bf16
@@ -422,8 +423,9 @@ def check_output(output: Path, cfg: TrainConfig, manifest: dict) -> None:
         raise SftjuiceError(f"{output} holds files but no {MANIFEST}: not an sftjuice run to resume "
                             "(use --overwrite or another --output)")
     old = json.loads(path.read_text())
-    changes = [f"{flag(k)} {old['config'].get(k)!r} -> {v!r}" for k, v in manifest["config"].items()
-               if old["config"].get(k) != v and not (k in GROWABLE and can_grow(old["config"], k, v))]
+    saved = saved_under_new_names(old.get("method"), old["config"])  # a run started before options were renamed
+    changes = [f"{flag(k)} {saved.get(k)!r} -> {v!r}" for k, v in manifest["config"].items()
+               if saved.get(k) != v and not (k in GROWABLE and can_grow(saved, k, v))]
     changes += [f"the {what} changed" for what in ("data", "model") if old.get(what) != manifest[what]]
     if old.get("precision", manifest["precision"]) != manifest["precision"]:  # --bf16 auto decides per machine
         changes.append(f"the precision changed ({old['precision']} -> {manifest['precision']})")

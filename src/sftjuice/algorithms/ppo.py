@@ -1,5 +1,5 @@
 """The KL-regularised policy step that RFT and Self-Rewarding PPO share: reference
-log-probs recorded at sampling time, RLOO advantages of a sequence reward minus ``beta``
+log-probs recorded at sampling time, RLOO advantages of a sequence reward minus ``kl_coef``
 times the summed per-token KL to pi_ref, and PPO-clip on whole samples.
 
 pi_ref is the starting model pi_SFT (:func:`references.starting_policy`).
@@ -28,15 +28,15 @@ def reference_logprobs(run: Run, pi_ref):
     return annotate
 
 
-def rollout_advantages(samples: list[Completion], rewards: list[float], beta: float, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+def rollout_advantages(samples: list[Completion], rewards: list[float], kl_coef: float, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(advantages, kl)`` per sample: RLOO over each prompt's n samples of the learned
-    reward minus ``beta`` times the summed per-token KL of pi_t (the sampler) to pi_ref."""
+    reward minus ``kl_coef`` times the summed per-token KL of pi_t (the sampler) to pi_ref."""
     pad = torch.nn.utils.rnn.pad_sequence
     logps = pad([torch.tensor(x.logprobs) for x in samples], batch_first=True)
     ref = pad([torch.tensor(x.ref_logprobs) for x in samples], batch_first=True)
     mask = pad([torch.ones(len(x.logprobs)) for x in samples], batch_first=True)
     kl = kl_penalty(logps, ref, mask)
-    advantages = rloo_advantages((torch.tensor(rewards) - beta * kl).view(-1, n)).flatten()
+    advantages = rloo_advantages((torch.tensor(rewards) - kl_coef * kl).view(-1, n)).flatten()
     return advantages, kl
 
 
@@ -54,11 +54,11 @@ def policy_micro_loss(policy: Learner, clip_range: float):
     return micro_loss
 
 
-def assign_advantages(groups: list[Group], rewards: list[float], beta: float, n: int):
-    """Set each sample's RLOO advantage (of ``rewards`` minus ``beta`` times its KL to pi_ref);
+def assign_advantages(groups: list[Group], rewards: list[float], kl_coef: float, n: int):
+    """Set each sample's RLOO advantage (of ``rewards`` minus ``kl_coef`` times its KL to pi_ref);
     returns the per-sample KL and a function giving a batch's advantage statistics to log."""
     samples = [s for g in groups for s in g.samples]
-    advantages, kl = rollout_advantages(samples, rewards, beta, n)
+    advantages, kl = rollout_advantages(samples, rewards, kl_coef, n)
     for s, a in zip(samples, advantages.tolist()):
         s.advantage = a
 

@@ -12,7 +12,7 @@ demonstrations is split into T sections; round t
      prompts nor these samples: its accuracy on them is a held-out accuracy, measured
      against the policy that was just optimised to fool it;
   3. policy step: K passes of PPO-clip over the samples with RLOO advantages of the
-     reward ``r_phi(x, y) - beta * sum_t log(pi_t(y_t) / pi_ref(y_t))`` (a per-token
+     reward ``r_phi(x, y) - kl_coef * sum_t log(pi_t(y_t) / pi_ref(y_t))`` (a per-token
      KL penalty folded into the sequence reward).
 
 Batches hold whole prompts (a :class:`Group`: prompt, demonstration, n samples), so every
@@ -145,8 +145,8 @@ def train(cfg: RFTConfig, model=None, tokenizer=None, data=None) -> Path:
             })
         t2 = time.time()
 
-        # policy step: K passes of PPO-clip on RLOO advantages of r_phi - beta * KL(pi_t || pi_ref)
-        kl, advantage_stats = assign_advantages(groups, own, cfg.beta, n)
+        # policy step: K passes of PPO-clip on RLOO advantages of r_phi - kl_coef * KL(pi_t || pi_ref)
+        kl, advantage_stats = assign_advantages(groups, own, cfg.kl_coef, n)
         step = rounds.train_passes(run, policy, groups, r, cfg.policy_steps, policy_loss, samples_in, state=state,
                                    step=start + n_reward, round_end=end, pi_t=pi_t, bar=bar, first_pass=1,
                                    phase="policy", extra=advantage_stats)

@@ -1,12 +1,12 @@
 """RSO: statistical rejection sampling optimisation (Liu et al., ICLR 2024, arXiv 2309.06657).
 
 DPO and SLiC fit preference pairs drawn from ``pi_SFT``, but the policy they aim for is
-``pi*(y|x) ∝ pi_SFT(y|x) exp(r(x,y)/beta)``. RSO draws the pairs from ``pi*`` itself:
+``pi*(y|x) ∝ pi_SFT(y|x) exp(r(x,y)/rejection_beta)``. RSO draws the pairs from ``pi*`` itself:
 
   1. per prompt, N candidates from ``pi_SFT`` (paper: 64) scored by a reward ``r``
      (a reward model, or the SRPPO log-ratio ``log pi_SFT - log pi_base``);
   2. rejection sampling keeps M of them (paper: 8), approximately distributed as ``pi*``
-     (``accept``); beta -> 0 is best-of-N, beta -> inf is plain sampling;
+     (``accept``); rejection_beta -> 0 is best-of-N, rejection_beta -> inf is plain sampling;
   3. the M accepted form M/2 disjoint random pairs, the reward labelling winner and loser
      (``pair_up``);
   4. the policy, starting at and regularised towards ``pi_ref = pi_SFT``, fits the pairs with
@@ -34,10 +34,10 @@ and then training on its pairs, so a killed run redraws at most one section. Rou
      (the reference costs nothing), normalised by the pairs in the global batch. A global
      batch whose prompts have no pair (every candidate the same response) is skipped.
 
-metrics.jsonl: every step has loss, margin (``gamma * D``, or the plain log-prob margin
+metrics.jsonl: every step has loss, margin (``beta * D``, or the plain log-prob margin
 for ``hinge``), margin_positive, logp_winner/logp_loser and pairs; per round an ``event``
 "round": acceptance_rate (accepted / candidates), first_pass_acceptance (mean
-``exp((r - r_max)/beta)``: ~1 is plain sampling, ~1/N best-of-N), distinct_per_prompt,
+``exp((r - r_max)/rejection_beta)``: ~1 is plain sampling, ~1/N best-of-N), distinct_per_prompt,
 pairs, prompts_without_pairs, reward_candidates / reward_accepted (mean r), reward_pair_gap
 (mean ``r_w - r_l``), the round's pair-weighted loss and margin, sample lengths, timings.
 """
@@ -63,21 +63,21 @@ from . import references, rounds
 from .rounds import Completion
 
 
-def accept(rewards: list[float], beta: float, num_accepted: int, rng: random.Random,
+def accept(rewards: list[float], rejection_beta: float, num_accepted: int, rng: random.Random,
            keys: list | None = None) -> list[int]:
     """Statistical rejection sampling (RSO's Algorithm 1; ALGORITHMS.md "RSO" step 3): the
     indices of up to ``num_accepted`` (M) candidates, in the order they were accepted.
 
-    The candidates were drawn from ``pi_SFT``; the target is ``pi* ∝ pi_SFT exp(r/beta)``.
+    The candidates were drawn from ``pi_SFT``; the target is ``pi* ∝ pi_SFT exp(r/rejection_beta)``.
     Rejection sampling with proposal ``pi_SFT`` accepts ``y`` with probability
-    ``pi*(y) / (C pi_SFT(y)) = exp((r(y) - r_max) / beta)`` where ``r_max`` bounds the reward.
+    ``pi*(y) / (C pi_SFT(y)) = exp((r(y) - r_max) / rejection_beta)`` where ``r_max`` bounds the reward.
     The true bound is unknown, so (as in the paper) the largest reward among the remaining
     candidates stands in for it:
 
         while fewer than M accepted and candidates remain:
             r_max = max reward among the remaining candidates
             visit the remaining candidates in a fresh random order, accepting each with
-            probability exp((r - r_max) / beta) (u < that, u ~ U[0, 1)); stop at M
+            probability exp((r - r_max) / rejection_beta) (u < that, u ~ U[0, 1)); stop at M
             remove the accepted ones
 
     The best remaining candidate is always accepted when visited (``u < 1``), so every pass
@@ -85,7 +85,7 @@ def accept(rewards: list[float], beta: float, num_accepted: int, rng: random.Ran
     (in acceptance order). The first accepted candidate follows ``pi*`` only approximately:
     exactly only when the N candidates contain the highest-reward outputs that matter (the
     empirical ``r_max`` equals the true bound) and a pass rarely rejects all of them, i.e. for
-    N large against the spread of ``exp(r/beta)``; later ones are drawn without replacement
+    N large against the spread of ``exp(r/rejection_beta)``; later ones are drawn without replacement
     from the same finite set, which is what makes the M accepted distinct.
 
     Duplicates: without ``keys`` every candidate is its own response. With ``keys`` (one per
@@ -96,8 +96,8 @@ def accept(rewards: list[float], beta: float, num_accepted: int, rng: random.Ran
     accepting would no longer sample ``pi_SFT``; keeping accepted copies would pair a
     response with itself, a tie that ``pair_up`` drops.)
     The acceptance rate to log is ``len(result) / len(rewards)``."""
-    if not beta > 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
+    if not rejection_beta > 0:
+        raise ValueError(f"rejection_beta must be > 0, got {rejection_beta}")
     if num_accepted < 0:
         raise ValueError(f"num_accepted must be >= 0, got {num_accepted}")
     if not all(math.isfinite(r) for r in rewards):
@@ -113,7 +113,7 @@ def accept(rewards: list[float], beta: float, num_accepted: int, rng: random.Ran
         for i in order:
             if keys[i] in taken:  # a copy of a response this pass already accepted
                 continue
-            if rng.random() < math.exp((rewards[i] - r_max) / beta):
+            if rng.random() < math.exp((rewards[i] - r_max) / rejection_beta):
                 accepted.append(i)
                 taken.add(keys[i])
                 if len(accepted) == num_accepted:
@@ -146,7 +146,7 @@ def pair_up(accepted: list[int], rewards: list[float], rng: random.Random) -> li
 # ---------------------------------------------------------------------- one prompt
 
 
-def choose(candidates: list[list[int]], rewards: list[float], beta: float, num_accepted: int,
+def choose(candidates: list[list[int]], rewards: list[float], rejection_beta: float, num_accepted: int,
            rng: random.Random) -> dict:
     """Steps 2 and 3 for one prompt's candidates (token ids) and their rewards: copies of a
     response take its first copy's reward, ``accept`` keeps up to M distinct responses and
@@ -154,7 +154,7 @@ def choose(candidates: list[list[int]], rewards: list[float], beta: float, num_a
     first: dict[tuple, int] = {}
     keys = [first.setdefault(tuple(c), i) for i, c in enumerate(candidates)]
     rewards = [rewards[k] for k in keys]  # a response has one score, however often it was drawn
-    accepted = accept(rewards, beta, num_accepted, rng, keys=keys)
+    accepted = accept(rewards, rejection_beta, num_accepted, rng, keys=keys)
     return {"rewards": rewards, "accepted": accepted, "pairs": [list(p) for p in pair_up(accepted, rewards, rng)]}
 
 
@@ -177,7 +177,7 @@ def candidate_pairs(run: Run, cfg: RSOConfig, r: int, reward_model, base):
                 by_base = token_logprobs_of(base, run.tokenizer.pad_token_id, prompts, candidates, per_batch)
             rewards = [[sequence_reward(s.logprobs, b, s.finished, cfg.no_eos_penalty) for s, b in zip(ss, bs)]
                        for ss, bs in zip(samples, by_base)]
-        return [choose(c, rw, cfg.beta, cfg.num_accepted, random.Random(derive_seed(cfg.seed, "accept", r, e.index)))
+        return [choose(c, rw, cfg.rejection_beta, cfg.num_accepted, random.Random(derive_seed(cfg.seed, "accept", r, e.index)))
                 for e, c, rw in zip(examples, candidates, rewards)]
 
     return annotate
@@ -223,7 +223,7 @@ def pair_micro_loss(learner: Learner, cfg: RSOConfig):
         device = logps.device
         ref = torch.tensor([[w.logprob, l.logprob] for w, l in slots], device=device)
         real = torch.tensor([j < len(g.pairs) for g in items for j in range(k)], device=device)
-        loss, margin = preference_loss(logps[:, 0], ref[:, 0], logps[:, 1], ref[:, 1], cfg.loss, cfg.gamma)
+        loss, margin = preference_loss(logps[:, 0], ref[:, 0], logps[:, 1], ref[:, 1], cfg.loss, cfg.beta)
         loss, margin, w = loss * real, margin * real, real.float()
         return loss.sum(), {"loss": loss.sum(), "margin": margin.sum(), "margin_positive": ((margin > 0) & real).float().sum(),
                             "logp_winner": (logps[:, 0].detach() * w).sum(), "logp_loser": (logps[:, 1].detach() * w).sum()}
@@ -238,13 +238,13 @@ def _mean(xs: list[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
-def selection_stats(rows: list[dict], beta: float) -> dict:
+def selection_stats(rows: list[dict], rejection_beta: float) -> dict:
     """What rejection sampling did in a round (see the module docstring)."""
     rewards = [x for row in rows for x in row["rewards"]]
     accepted = [row["rewards"][i] for row in rows for i in row["accepted"]]
     return {
         "acceptance_rate": len(accepted) / len(rewards),
-        "first_pass_acceptance": _mean([math.exp((x - max(row["rewards"])) / beta) for row in rows for x in row["rewards"]]),
+        "first_pass_acceptance": _mean([math.exp((x - max(row["rewards"])) / rejection_beta) for row in rows for x in row["rewards"]]),
         "distinct_per_prompt": _mean([len({tuple(s["token_ids"]) for s in row["samples"]}) for row in rows]),
         "pairs": sum(len(row["pairs"]) for row in rows),
         "prompts_without_pairs": sum(not row["pairs"] for row in rows),
@@ -331,7 +331,7 @@ def train(cfg: RSOConfig, model=None, tokenizer=None, data=None) -> Path:
         sums = train_pairs(run, policy, pairs_of(rows, run.examples), r, micro_loss, state=state, step=start,
                            round_end=end, pi_sft=pi_sft, bar=bar)
         run.log_metrics({
-            "step": end, "event": "round", "round": r, **rounds.sample_stats(rows), **selection_stats(rows, cfg.beta),
+            "step": end, "event": "round", "round": r, **rounds.sample_stats(rows), **selection_stats(rows, cfg.rejection_beta),
             **train_stats(sums), "generation_seconds": round(t1 - t0, 2), "train_seconds": round(time.time() - t1, 2),
         })
     bar.close()
