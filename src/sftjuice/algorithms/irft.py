@@ -122,10 +122,9 @@ def train(cfg: PairConfig, model=None, tokenizer=None, data=None) -> Path:
     state = run.resume()
     micro_loss = pair_micro_loss(policy, cfg)
     heldout = load_heldout(run)
-    bar = run.progress(sum(round_steps), state["step"])
-    for rnd, start, end, pi_t in rounds.each_round(run, plan, round_steps, state):
-        r, t0 = rnd.index, time.time()
-        rows = rounds.sample_round(run, r, rnd.section, cfg.seed, pi_t, annotate=demonstration_logprobs(run))
+    for ctx in rounds.each_round(run, plan, round_steps, state):
+        r, pi_t, t0 = ctx.index, ctx.pi_t, time.time()
+        rows = rounds.sample_round(run, r, ctx.round.section, cfg.seed, pi_t, annotate=demonstration_logprobs(run))
         groups = groups_of(rows, run.examples)
         if cfg.keep_previous_round and r > 0:
             groups += groups_of(rounds.round_file(run, r, "previous", pi_t, rescored_previous(run, r)), run.examples)
@@ -133,13 +132,12 @@ def train(cfg: PairConfig, model=None, tokenizer=None, data=None) -> Path:
             rows_heldout = rounds.sample_round(run, r, list(range(len(heldout[0]))), cfg.seed, pi_t, name="heldout",
                                                data=heldout, annotate=demonstration_logprobs(run))
         t1 = time.time()
-        step = rounds.train_passes(run, policy, groups, r, cfg.passes, micro_loss, distinct_pairs_in, state=state, step=start,
-                                   round_end=end, pi_t=pi_t, bar=bar)
+        rounds.train_steps(ctx, policy, groups, rounds.passes(run, len(groups), r, cfg.passes), micro_loss, distinct_pairs_in)
         run.log_metrics({
-            "step": step, "event": "round", "round": r, "pairs": distinct_pairs_in(groups),
+            "step": ctx.step, "event": "round", "round": r, "pairs": distinct_pairs_in(groups),
             "identical_pairs": samples_in(groups) - distinct_pairs_in(groups), **rounds.sample_stats(rows),
             **(heldout_margins(run, groups_of(rows_heldout, heldout[0])) if heldout else {}),
             "generation_seconds": round(t1 - t0, 2), "train_seconds": round(time.time() - t1, 2),
         })
-    bar.close()
+        ctx.checkpoint()
     return run.finish()

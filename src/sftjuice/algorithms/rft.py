@@ -122,23 +122,22 @@ def train(cfg: RFTConfig, model=None, tokenizer=None, data=None) -> Path:
     state = run.resume()  # "step" counts reward and policy updates
     reward_loss, policy_loss = reward_micro_loss(reward, cfg), policy_micro_loss(policy, cfg.clip_range)
     round_steps = [s * (1 + cfg.policy_steps) for s in reward_steps]
-    bar = run.progress(sum(round_steps), state["step"])
-    for rnd, start, end, pi_t in rounds.each_round(run, plan, round_steps, state):
-        r, n_reward, t0 = rnd.index, reward_steps[rnd.index], time.time()
-        rows = rounds.sample_round(run, r, rnd.section, cfg.seed, pi_t, annotate=reference_logprobs(run, pi_ref))
+    for ctx in rounds.each_round(run, plan, round_steps, state):
+        r, t0 = ctx.index, time.time()
+        rows = rounds.sample_round(run, r, ctx.round.section, cfg.seed, ctx.pi_t, annotate=reference_logprobs(run, pi_ref))
         groups = groups_of(rows, run.examples)
         t1 = time.time()
 
-        # reward step: demonstrations up, pi_t's samples down (mid-round checkpoints come after it)
-        reward_step_due = state["step"] <= start
-        if reward_step_due:
+        # reward step: demonstrations up, pi_t's samples down (mid-round checkpoints come after it,
+        # so a round resumed inside has taken it, and its steps are only counted)
+        if not ctx.resumed_inside:
             held_out = score_round(run, reward, groups)
-            rounds.train_passes(run, reward, groups, r, 1, reward_loss, distinct_pairs, state=state, step=start,
-                                round_end=end, pi_t=pi_t, bar=bar, phase="reward", checkpoints=False)
+        rounds.train_steps(ctx, reward, groups, rounds.passes(run, len(groups), r, 1), reward_loss, distinct_pairs,
+                           phase="reward", checkpoints=False)
         demo, own = score_round(run, reward, groups)
-        if reward_step_due:
+        if not ctx.resumed_inside:
             run.log_metrics({
-                "step": start + n_reward, "event": "reward", "round": r, **pair_stats("reward_heldout", *held_out, n),
+                "step": ctx.step, "event": "reward", "round": r, **pair_stats("reward_heldout", *held_out, n),
                 "demonstration_reward": sum(held_out[0]) / len(held_out[0]), "policy_reward": sum(held_out[1]) / len(held_out[1]),
                 **pair_stats("reward", demo, own, n),
                 "identical_samples": len(own) - distinct_pairs(groups),
@@ -147,16 +146,15 @@ def train(cfg: RFTConfig, model=None, tokenizer=None, data=None) -> Path:
 
         # policy step: K passes of PPO-clip on RLOO advantages of r_phi - kl_coef * KL(pi_t || pi_ref)
         kl, advantage_stats = assign_advantages(groups, own, cfg.kl_coef, n)
-        step = rounds.train_passes(run, policy, groups, r, cfg.policy_steps, policy_loss, samples_in, state=state,
-                                   step=start + n_reward, round_end=end, pi_t=pi_t, bar=bar, first_pass=1,
-                                   phase="policy", extra=advantage_stats)
+        rounds.train_steps(ctx, policy, groups, rounds.passes(run, len(groups), r, cfg.policy_steps, first=1), policy_loss,
+                           samples_in, phase="policy", extra=advantage_stats)
         run.log_metrics({
-            "step": step, "event": "round", "round": r, **rounds.sample_stats(rows),
+            "step": ctx.step, "event": "round", "round": r, **rounds.sample_stats(rows),
             "sample_reward": sum(own) / len(own), "kl": kl.mean().item(),
             "generation_seconds": round(t1 - t0, 2), "reward_seconds": round(t2 - t1, 2),
             "policy_seconds": round(time.time() - t2, 2),
         })
-    bar.close()
+        ctx.checkpoint()
     run.accelerator.wait_for_everyone()
     if run.is_main:
         save_reward_model(reward.unwrapped, run.tokenizer, run.output / "reward_model")

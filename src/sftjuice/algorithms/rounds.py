@@ -13,7 +13,8 @@ samples, so every pass computes a prompt once for all of its completions.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Callable
 
 from ..config import SftjuiceError
@@ -114,43 +115,104 @@ def groups_of(rows: list[dict], examples: list[Example]) -> list[Group]:
 # --------------------------------------------------------------- the loop they share
 
 
-def each_round(run: Run, plan: list[Round], round_steps: list[int], state: dict):
-    """Yield ``(round, first step, last step, pi_t)`` for every round a resumed run has not
-    finished (``state`` from :meth:`Run.resume`), and close each with a checkpoint that
-    records the next round's sampling policy. The caller's steps for the round must end at
-    its last step."""
-    step = 0
-    for rnd, steps in zip(plan, round_steps):
-        start, end = step, step + steps
-        step = end
-        if end <= state["step"]:  # finished before a resume
-            continue
-        yield rnd, start, end, round_policy(run, state, start)
-        run.save_checkpoint({"step": end, "round": rnd.index + 1, "round_policy": weights_fingerprint(run.policy)})
+@dataclass
+class RoundContext:
+    """One round as its steps see it, yielded by :func:`each_round`: which round, its steps
+    (``start`` < step <= ``end``), the resumed state, the fingerprint of its sampling policy
+    pi_t, and ``step``, the cursor :func:`train_steps` moves. ``sums`` are totals a method
+    keeps over the round's steps; mid-round checkpoints carry them, so a round resumed
+    inside reports what an uninterrupted one does."""
+    run: Run
+    round: Round
+    start: int
+    end: int
+    state: dict
+    bar: object
+    pi_t: str | None
+    step: int = 0
+    sums: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.step = self.start
+        if self.resumed_inside:
+            self.sums = dict(self.state.get("round_sums", {}))
+
+    @property
+    def index(self) -> int:
+        return self.round.index
+
+    @property
+    def resumed_inside(self) -> bool:
+        return self.state["step"] > self.start
+
+    def checkpoint(self) -> None:
+        """The checkpoint that ends the round; a sampling method's records the next round's pi_t."""
+        fingerprint = {} if self.pi_t is None else {"round_policy": weights_fingerprint(self.run.policy)}
+        self.run.save_checkpoint({"step": self.end, "round": self.index + 1, **fingerprint})
 
 
-def train_passes(run: Run, learner, items: list, r: int, passes: int, micro_loss, weight, *, state: dict, step: int,
-                 round_end: int, pi_t: str, bar, first_pass: int = 0, phase: str | None = None,
-                 extra=None, checkpoints: bool = True) -> int:
-    """``passes`` passes over a round's items (whole prompts) in shuffled global batches, one
-    optimiser step each: steps a resumed run already took are counted, not run; every step
-    is logged (with ``extra(batch)``'s numbers); checkpoints inside the round (``--save-every``,
-    a stop signal) record pi_t. Returns the step count after them."""
-    cfg = run.cfg
-    for k in range(passes):
-        for batch in batches(run, len(items), r, first_pass + k):
-            step += 1
-            if step <= state["step"]:
+def each_round(run: Run, plan: list[Round], round_steps: list[int], state: dict, sampled: bool = True):
+    """A :class:`RoundContext` for every round a resumed run has not finished (``state`` from
+    :meth:`Run.resume`), under one progress bar. The method's round ends at step ``end`` with
+    ``ctx.checkpoint()``. ``sampled=False`` (SFT): no round samples, so no pi_t to record."""
+    bar = run.progress(sum(round_steps), state["step"])
+    try:
+        step = 0
+        for rnd, steps in zip(plan, round_steps):
+            start, step = step, step + steps
+            if step <= state["step"]:  # finished before a resume
                 continue
-            stats = learner.step([items[i] for i in batch], micro_loss, weight, length=len)
+            yield RoundContext(run, rnd, start, step, state, bar, round_policy(run, state, start) if sampled else None)
+    finally:
+        bar.close()
+
+
+def passes(run: Run, n_items: int, r: int, count: int, first: int = 0) -> list[tuple[int, list[int]]]:
+    """(pass, global batch) for ``count`` passes over a round's ``n_items`` items."""
+    return [(k, batch) for k in range(count) for batch in batches(run, n_items, r, first + k)]
+
+
+def train_steps(ctx: RoundContext, learner, items: list, batches: list[tuple[int, list[int]]], micro_loss, weight, *,
+                phase: str | None = None, extra=None, tally=None, skip_empty: bool = False, until: int | None = None,
+                checkpoints: bool = True) -> None:
+    """The step loop every method runs on: one optimiser step per (pass, global batch of
+    indices into ``items``). Steps a resumed run already took are counted, not run. Every
+    step is logged (with ``extra(batch)``'s numbers) and counted by :meth:`Run.after_step`;
+    a checkpoint inside the round (``--save-every``, a stop signal) records pi_t and
+    ``ctx.sums``. Options: ``tally(sums, items, stats)`` adds a finite step to ``ctx.sums``;
+    ``skip_empty``: a batch of ``weight`` 0 takes no step at all (AdamW would still move the
+    weights by momentum, and the schedule stays), counted in ``ctx.sums["skipped"]``;
+    ``until``: the planned steps this phase had no batch for move the schedule on to it;
+    ``checkpoints=False``: none inside this phase (RFT's reward pass)."""
+    run, r = ctx.run, ctx.index
+    for k, batch in batches:
+        ctx.step += 1
+        step = ctx.step
+        if step <= ctx.state["step"]:
+            continue
+        chosen = [items[i] for i in batch]
+        if skip_empty and not weight(chosen):
+            ctx.sums["skipped"] = ctx.sums.get("skipped", 0) + 1
+            stats = {}
+        else:
+            t0 = time.time()
+            stats = learner.step(chosen, micro_loss, weight, length=len)
             stats.update(extra(batch) if extra else {})
-            if step % cfg.log_every == 0:
-                run.log_metrics({"step": step, "round": r, **({"phase": phase} if phase else {}), "pass": k, **stats})
-            bar.update(1)
-            bar.set_postfix(round=r, **{phase or "loss": f"{stats.get('loss', float('nan')):.4f}"})
-            if run.after_step(step, stats) and checkpoints and step != round_end:
-                run.save_checkpoint({"step": step, "round": r, "round_policy": pi_t})
-    return step
+            if tally and not stats.get("nonfinite"):  # a skipped step does not count in the round's means
+                ctx.sums = tally(ctx.sums, chosen, stats)
+            if step % run.cfg.log_every == 0 or step == ctx.end:
+                run.log_metrics({"step": step, "round": r, **({"phase": phase} if phase else {}), "pass": k, **stats,
+                                 "step_seconds": round(time.time() - t0, 3)})
+            ctx.bar.set_postfix(round=r, **{phase or "loss": f"{stats.get('loss', float('nan')):.4f}"})
+        ctx.bar.update(1)
+        if run.after_step(step, stats) and checkpoints and step != ctx.end:
+            run.save_checkpoint({"step": step, "round": r, **({"round_policy": ctx.pi_t} if ctx.pi_t else {}),
+                                 **({"round_sums": ctx.sums} if ctx.sums else {})})
+    if until is not None and ctx.step < until:
+        for _ in range(until - ctx.step):
+            learner.scheduler.step()
+        ctx.bar.update(until - ctx.step)
+        ctx.step = until
 
 
 # ------------------------------------------------------------------------- sampling

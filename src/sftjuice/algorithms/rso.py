@@ -256,9 +256,16 @@ def selection_stats(rows: list[dict], rejection_beta: float) -> dict:
 TRAIN_SUMS = ("loss", "margin", "margin_positive")
 
 
+def tally(sums: dict, items: list[Pairs], stats: dict) -> dict:
+    """A step's loss and margins, weighted by its pairs, added to the round's sums."""
+    n = pairs_in(items)
+    return {**sums, "pairs": sums.get("pairs", 0) + n, **{k: sums.get(k, 0) + stats[k] * n for k in TRAIN_SUMS}}
+
+
 def train_stats(sums: dict) -> dict:
     """The round's loss and margins, weighted by pairs, over every step it took."""
-    return {k: sums[k] / sums["pairs"] if sums["pairs"] else None for k in TRAIN_SUMS} | {"skipped_steps": sums["skipped"]}
+    pairs = sums.get("pairs", 0)
+    return {k: sums[k] / pairs if pairs else None for k in TRAIN_SUMS} | {"skipped_steps": sums.get("skipped", 0)}
 
 
 # ------------------------------------------------------------------------ the loop
@@ -269,37 +276,6 @@ def reward_of(run: Run, cfg: RSOConfig):
     if cfg.reward == "implicit":
         return None, references.load_base(run, cfg.base_model)
     return references.load_reward(run, cfg).to(run.accelerator.device).eval().requires_grad_(False), None
-
-
-def train_pairs(run: Run, policy: Learner, items: list[Pairs], r: int, micro_loss, *, state: dict, step: int,
-                round_end: int, pi_sft: str, bar) -> dict:
-    """``--passes`` passes over a round's prompts with their pairs (as ``rounds.train_passes``,
-    two things apart): a global batch without a pair is skipped, not stepped (AdamW would
-    still move the weights by momentum), and the round's pair-weighted sums of loss and
-    margin ride in the mid-round checkpoints, so a resumed round reports what an
-    uninterrupted one does. Returns the sums."""
-    cfg = run.cfg
-    sums = state["round_sums"] if state["step"] > step else dict.fromkeys((*TRAIN_SUMS, "pairs", "skipped"), 0)
-    for k in range(cfg.passes):
-        for batch in rounds.batches(run, len(items), r, k):
-            step += 1
-            if step <= state["step"]:
-                continue
-            chosen = [items[i] for i in batch]
-            n = pairs_in(chosen)
-            if n:
-                stats = policy.step(chosen, micro_loss, pairs_in, length=len)
-                if not stats.get("nonfinite"):  # a skipped step does not count in the round's means
-                    sums = {**sums, "pairs": sums["pairs"] + n, **{s: sums[s] + stats[s] * n for s in TRAIN_SUMS}}
-                if step % cfg.log_every == 0:
-                    run.log_metrics({"step": step, "round": r, "pass": k, "pairs": n, **stats})
-                bar.set_postfix(round=r, loss=f"{stats['loss']:.4f}", margin=f"{stats['margin']:.3f}")
-            else:  # every prompt of the batch drew a single response: nothing to learn
-                sums = {**sums, "skipped": sums["skipped"] + 1}
-            bar.update(1)
-            if run.after_step(step, stats if n else {}) and step != round_end:
-                run.save_checkpoint({"step": step, "round": r, "round_policy": pi_sft, "round_sums": sums})
-    return sums
 
 
 def train(cfg: RSOConfig, model=None, tokenizer=None, data=None) -> Path:
@@ -321,18 +297,19 @@ def train(cfg: RSOConfig, model=None, tokenizer=None, data=None) -> Path:
     reward_model, base = reward_of(run, cfg)
     state = run.resume()
     micro_loss = pair_micro_loss(policy, cfg)
-    bar = run.progress(sum(round_steps), state["step"])
-    for rnd, start, end, _ in rounds.each_round(run, plan, round_steps, state):
-        r, t0 = rnd.index, time.time()
+    for ctx in rounds.each_round(run, plan, round_steps, state):
+        r, t0 = ctx.index, time.time()
         with starting() as sft:
-            rows = rounds.sample_round(run, r, rnd.section, cfg.seed, pi_sft, model=sft,
+            rows = rounds.sample_round(run, r, ctx.round.section, cfg.seed, pi_sft, model=sft,
                                        annotate=candidate_pairs(run, cfg, r, reward_model, base))
         t1 = time.time()
-        sums = train_pairs(run, policy, pairs_of(rows, run.examples), r, micro_loss, state=state, step=start,
-                           round_end=end, pi_sft=pi_sft, bar=bar)
+        items = pairs_of(rows, run.examples)
+        # a global batch without a pair takes no step (every prompt of it drew one response)
+        rounds.train_steps(ctx, policy, items, rounds.passes(run, len(items), r, cfg.passes), micro_loss, pairs_in,
+                           extra=lambda batch: {"pairs": pairs_in([items[i] for i in batch])}, tally=tally, skip_empty=True)
         run.log_metrics({
-            "step": end, "event": "round", "round": r, **rounds.sample_stats(rows), **selection_stats(rows, cfg.rejection_beta),
-            **train_stats(sums), "generation_seconds": round(t1 - t0, 2), "train_seconds": round(time.time() - t1, 2),
+            "step": ctx.end, "event": "round", "round": r, **rounds.sample_stats(rows), **selection_stats(rows, cfg.rejection_beta),
+            **train_stats(ctx.sums), "generation_seconds": round(t1 - t0, 2), "train_seconds": round(time.time() - t1, 2),
         })
-    bar.close()
+        ctx.checkpoint()
     return run.finish()

@@ -195,26 +195,25 @@ def train(cfg: SRPPOConfig, model=None, tokenizer=None, data=None) -> Path:
     policy_loss = policy_micro_loss(policy, cfg.clip_range)
     template_ids = set(run.tokenizer.all_special_ids) | set(run.chat.stop_token_ids)
     round_steps = [steps * cfg.policy_steps for steps in per_pass]
-    bar = run.progress(sum(round_steps), state["step"])
-    for rnd, start, end, pi_t in rounds.each_round(run, plan, round_steps, state):
-        r, t0 = rnd.index, time.time()
-        rows = rounds.sample_round(run, r, rnd.section, cfg.seed, pi_t, data=(examples, demos), annotate=annotate)
+    for ctx in rounds.each_round(run, plan, round_steps, state):
+        r, t0 = ctx.index, time.time()
+        rows = rounds.sample_round(run, r, ctx.round.section, cfg.seed, ctx.pi_t, data=(examples, demos), annotate=annotate)
         groups = groups_of(rows, examples)
         rewards = round_rewards(rows, cfg.no_eos_penalty)
         t1 = time.time()
 
         # K passes of PPO-clip on RLOO advantages of r - kl_coef * KL(pi_t || pi_SFT)
         kl, advantage_stats = assign_advantages(groups, rewards, cfg.kl_coef, n)
-        step = rounds.train_passes(run, policy, groups, r, cfg.policy_steps, policy_loss, samples_in, state=state,
-                                   step=start, round_end=end, pi_t=pi_t, bar=bar, phase="policy", extra=advantage_stats)
+        rounds.train_steps(ctx, policy, groups, rounds.passes(run, len(groups), r, cfg.policy_steps), policy_loss, samples_in,
+                           phase="policy", extra=advantage_stats)
         samples = [s for g in groups for s in g.samples]
         finished = [x for x, s in zip(rewards, samples) if s.finished]
         run.log_metrics({
-            "step": step, "event": "round", "round": r, **rounds.sample_stats(rows),
+            "step": ctx.step, "event": "round", "round": r, **rounds.sample_stats(rows),
             "sample_reward": sum(rewards) / len(rewards),
             "finished_reward_mean": sum(finished) / len(finished) if finished else None,
             **ranking_stats(groups, rows, rewards, n), "kl": kl.mean().item(), **template_stats(rows, template_ids),
             "generation_seconds": round(t1 - t0, 2), "policy_seconds": round(time.time() - t1, 2),
         })
-    bar.close()
+        ctx.checkpoint()
     return run.finish()

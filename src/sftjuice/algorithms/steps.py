@@ -46,7 +46,7 @@ from ..data import Example
 from ..generation import Sample, derive_seed, sample
 from ..losses import preference_loss, sft_loss
 from ..scoring import sequence_logprobs_of, shared_logprobs
-from ..training import Learner, Run, start_run, weights_fingerprint
+from ..training import Learner, Run, start_run
 from ..verifiers import load_verifier, reference_answer
 from . import references, rounds
 
@@ -85,8 +85,8 @@ def step_ends(text: str) -> list[int]:
     there, or by tokenising the prefix itself, but do it the same way for ``pi_theta`` and
     ``pi_SFT``.)"""
     ends, end = [], 0
-    for step in split_steps(text):
-        end += len(step)
+    for part in split_steps(text):  # a solution's step (not an optimiser's)
+        end += len(part)
         ends.append(end)
     return ends
 
@@ -409,6 +409,11 @@ def round_metrics(rows: list[dict]) -> dict:
     return out
 
 
+def tally(sums: dict, items: list, stats: dict) -> dict:
+    """A step's loss (and margin) added to the round's sums, whose means it reports."""
+    return {**sums, "steps": sums.get("steps", 0) + 1, **{k: sums.get(k, 0) + stats[k] for k in ("loss", "margin") if k in stats}}
+
+
 def _train(cfg: VerifiedConfig, model=None, tokenizer=None, data=None) -> Path:
     verifier = load_verifier(cfg.verifier)  # a bad --verifier stops the run before the model loads
     run = start_run(cfg, model, tokenizer, data)
@@ -422,48 +427,22 @@ def _train(cfg: VerifiedConfig, model=None, tokenizer=None, data=None) -> Path:
     pi_sft = references.starting_policy(run) if pairs else None  # made before any step
     state = run.resume()
     micro_loss, weight = (dpo_micro_loss(policy, cfg.beta, cfg.sft_weight), pairs_in) if pairs else (positive_micro_loss(policy), positive_tokens)
-    bar = run.progress(sum(round_steps), state["step"])
-    step = 0
-    for rnd, steps in zip(plan, round_steps):
-        r, start = rnd.index, step
-        if start + steps <= state["step"]:  # finished before a resume
-            step += steps
-            continue
-        t0 = time.time()
-        pi_t = rounds.round_policy(run, state, start)
+    for ctx in rounds.each_round(run, plan, round_steps, state):
+        r, t0 = ctx.index, time.time()
         timing = {"rollout_seconds": 0.0} if pairs else {}  # stays 0 when the round's file is read back
         annotate = steps_annotate(run, cfg, verifier, answers, pi_sft, r, timing) if pairs else verdicts(run, cfg, verifier, answers)
-        rows = rounds.sample_round(run, r, rnd.section, cfg.seed, pi_t, annotate=annotate)
+        rows = rounds.sample_round(run, r, ctx.round.section, cfg.seed, ctx.pi_t, annotate=annotate)
         groups = pair_groups(rows, run.examples) if pairs else positive_groups(rows, run.examples)
         t1 = time.time()
-        batches = rounds.batches(run, len(groups), r, 0)
-        # the loss and margin of the round's steps, those before a resume (from its checkpoint) included
-        ran: list[dict] = state.get("round_stats", []) if state["step"] > start else []
-        for batch in batches:
-            step += 1
-            if step <= state["step"]:
-                continue
-            stats = policy.step([groups[i] for i in batch], micro_loss, weight, length=len)
-            if not stats.get("nonfinite"):  # a skipped step does not count in the round's means
-                ran.append({k: stats[k] for k in ("loss", "margin") if k in stats})
-            if step % cfg.log_every == 0:
-                run.log_metrics({"step": step, "round": r, **stats})
-            bar.update(1)
-            bar.set_postfix(round=r, loss=f"{stats['loss']:.4f}")
-            if run.after_step(step, stats) and step != start + steps:
-                run.save_checkpoint({"step": step, "round": r, "round_policy": pi_t, "round_stats": ran})
-        for _ in range(start + steps - step):  # the planned steps this round had no prompts for
-            policy.scheduler.step()
-        bar.update(start + steps - step)
-        step = start + steps
+        batches = rounds.passes(run, len(groups), r, 1)
+        rounds.train_steps(ctx, policy, groups, batches, micro_loss, weight, tally=tally, until=ctx.end)
         run.log_metrics({
-            "step": step, "event": "round", "round": r, **rounds.sample_stats(rows), **round_metrics(rows),
+            "step": ctx.step, "event": "round", "round": r, **rounds.sample_stats(rows), **round_metrics(rows),
             "train_prompts": len(groups), "train_steps": len(batches),
-            **{k: _mean([s[k] for s in ran]) for k in ("loss", "margin") if ran and k in ran[0]},
+            **{k: ctx.sums[k] / ctx.sums["steps"] for k in ("loss", "margin") if k in ctx.sums},
             "generation_seconds": round(t1 - t0, 2), **timing, "train_seconds": round(time.time() - t1, 2),
         })
-        run.save_checkpoint({"step": step, "round": r + 1, "round_policy": weights_fingerprint(run.policy)})
-    bar.close()
+        ctx.checkpoint()
     return run.finish()
 
 
