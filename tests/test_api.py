@@ -93,6 +93,9 @@ BEFORE_RENAMES = json.loads((REPO / "tests/data/method_defaults_before_issue24.j
 NEW_NAMES = {"rft": {"beta": "kl_coef"}, "rso": {"beta": "rejection_beta", "gamma": "beta"}}
 
 
+ADDED_SINCE = {"reward_tokens": "all"}  # srppo, rso: the implicit reward over every token, as before
+
+
 @pytest.mark.parametrize("method", sorted(BEFORE_RENAMES))
 def test_every_method_keeps_its_defaults_under_the_new_names(method):
     """tests/data holds each method's defaults before options were declared once and renamed."""
@@ -102,7 +105,10 @@ def test_every_method_keeps_its_defaults_under_the_new_names(method):
 
     renames = NEW_NAMES.get(method, {})
     before = {renames.get(k, k): v for k, v in BEFORE_RENAMES[method].items()}
-    assert dataclasses.asdict(METHOD_CONFIGS[method]()) == before
+    now = dataclasses.asdict(METHOD_CONFIGS[method]())
+    assert {k: now[k] for k in before} == before
+    # options added since, each with the default that keeps the old behaviour
+    assert {k: now[k] for k in set(now) - set(before)} == {k: v for k, v in ADDED_SINCE.items() if k in now}
 
 
 @pytest.mark.parametrize("argv, message", [

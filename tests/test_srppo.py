@@ -32,9 +32,13 @@ def assert_close(a: list[float], b: list[float]) -> None:
     torch.testing.assert_close(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64), atol=1e-4, rtol=0)
 
 
-def test_reward_is_the_difference_of_two_fresh_forward_passes_and_a_cut_sample_gets_the_penalty(tokenizer):
+@pytest.mark.parametrize("tokens", ["all", "answer"])
+def test_reward_is_the_difference_of_two_fresh_forward_passes_and_a_cut_sample_gets_the_penalty(tokenizer, tokens):
+    """--reward-tokens answer: the same sums without the chat template's tokens (the end of turn)."""
     sft_model, base = build_tiny_model(tokenizer, seed=1).eval(), build_tiny_model(tokenizer, seed=2).eval()
     chat = ChatFormat(tokenizer)
+    skip = frozenset(tokenizer.all_special_ids) | frozenset(chat.stop_token_ids) if tokens == "answer" else frozenset()
+    reward = references.ImplicitReward(-1.5, skip)
     rows = sort_rows(6)
     msgs = [[{"role": "user", "content": r["prompt"]}] for r in rows]
     # three prompts with their demonstrations, and another prompt's demonstrations as samples
@@ -45,25 +49,33 @@ def test_reward_is_the_difference_of_two_fresh_forward_passes_and_a_cut_sample_g
     samples = [[Sample(others[(i + k) % 3], [], True) for k in range(2)] for i in range(3)]
     samples[2][1] = Sample(others[0][:-1], [], False)
     run = SimpleNamespace(tokenizer=tokenizer, accelerator=SimpleNamespace(autocast=contextlib.nullcontext), policy=None)
-    annotated = srppo.reference_scores(run, lambda: contextlib.nullcontext(sft_model), base, no_eos_penalty=-1.5)(examples, samples)
+    annotated = srppo.reference_scores(run, lambda: contextlib.nullcontext(sft_model), base, reward)(examples, samples)
     rows_out = [{**a, "samples": [{"token_ids": s.token_ids, "finished": s.finished} for s in ss]}
                 for a, ss in zip(annotated, samples)]
-    rewards = srppo.round_rewards(rows_out, no_eos_penalty=-1.5)
+    rewards = srppo.round_rewards(rows_out, reward)
+
+    def ratio(prompt: list[int], response: list[int]) -> float:
+        keep = [t not in skip for t in response]
+        return (sum(x for x, k in zip(fresh_logprobs(sft_model, prompt, response), keep) if k)
+                - sum(x for x, k in zip(fresh_logprobs(base, prompt, response), keep) if k))
+
+    assert all(e.completion_ids[-1] in chat.stop_token_ids for e in examples)  # the end of turn is there to skip
 
     for e, ss, a, rr in zip(examples, samples, annotated, [rewards[i: i + 2] for i in (0, 2, 4)]):
-        demo = sum(fresh_logprobs(sft_model, e.prompt_ids, e.completion_ids)) - sum(fresh_logprobs(base, e.prompt_ids, e.completion_ids))
+        demo = ratio(e.prompt_ids, e.completion_ids)
         assert a["demonstration_reward"] == pytest.approx(demo, abs=1e-4)
         for s, sft_lp, base_lp, r in zip(ss, a["ref_token_logprobs"], a["base_token_logprobs"], rr):
             assert_close(sft_lp, fresh_logprobs(sft_model, e.prompt_ids, s.token_ids))
             assert_close(base_lp, fresh_logprobs(base, e.prompt_ids, s.token_ids))
-            expected = (sum(fresh_logprobs(sft_model, e.prompt_ids, s.token_ids))
-                        - sum(fresh_logprobs(base, e.prompt_ids, s.token_ids))) if s.finished else -1.5
+            expected = ratio(e.prompt_ids, s.token_ids) if s.finished else -1.5
             assert r == pytest.approx(expected, abs=1e-4)
     assert rewards[-1] == -1.5  # the cut sample: the penalty, not its (nonzero) log-ratio
     cut_ratio = sum(annotated[2]["ref_token_logprobs"][1]) - sum(annotated[2]["base_token_logprobs"][1])
     assert abs(cut_ratio) > 0.1
-    assert srppo.sequence_reward([-1.0, -2.0], [-3.0, -0.5], True, -7.0) == pytest.approx(0.5)  # -3 - (-3.5)
-    assert srppo.sequence_reward([-1.0, -2.0], [-3.0, -0.5], False, -7.0) == -7.0
+    by_hand = references.ImplicitReward(-7.0)
+    assert by_hand([4, 9], [-1.0, -2.0], [-3.0, -0.5], True) == pytest.approx(0.5)  # -3 - (-3.5)
+    assert by_hand([4, 9], [-1.0, -2.0], [-3.0, -0.5], False) == -7.0
+    assert references.ImplicitReward(-7.0, frozenset({9}))([4, 9], [-1.0, -2.0], [-3.0, -0.5], True) == pytest.approx(2.0)
 
 
 def test_ranking_counts_ties_apart():

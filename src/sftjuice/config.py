@@ -205,6 +205,9 @@ class ImplicitRewardConfig(Checked):
                                 "the starting model of the sftjuice SFT run whose OUTPUT/final is --model")
     no_eos_penalty: float = _f(-1.0, "implicit reward of a sample cut at --max-new-tokens (no end of turn), instead of its "
                                "log-ratio; in nats, 0 = pi_SFT and pi_base agree")
+    reward_tokens: Literal["all", "answer"] = _f(
+        "all", "implicit reward over all of a response's tokens, or its answer only (without the chat template's end of "
+               "turn, which the base model never learned and which can carry as much log-ratio as the answer)")
 
 
 # ------------------------------------------------------------------------ methods

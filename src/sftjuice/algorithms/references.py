@@ -24,6 +24,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ContextManager
 
@@ -64,7 +66,7 @@ def round_start(run: Run):
     return run.policy
 
 
-# ------------------------------------------------------------------------- pi_base
+# ------------------------------------------------------------ pi_base and the implicit reward
 
 
 def base_model_of(cfg: SRPPOConfig | RSOConfig) -> str:
@@ -107,6 +109,33 @@ def load_base(run: Run, name: str):
         raise SftjuiceError(f"--base-model {path}: vocabulary of {base.config.vocab_size} tokens, --model has "
                             f"{run.policy_model.config.vocab_size}; the reward compares both models on the same tokens")
     return base.to(run.accelerator.device).eval().requires_grad_(False)
+
+
+@dataclass(frozen=True)
+class ImplicitReward:
+    """SRPPO's reward, RSO's ``--reward implicit``: r(x, y) = sum_t log pi_SFT(y_t) - log
+    pi_base(y_t) of a finished response; a response cut before its end of turn gets
+    ``no_eos_penalty`` (its partial log-ratio grows with its length). Tokens in ``skip``
+    are left out of the sum: ``--reward-tokens answer`` skips the chat template's (the
+    end of turn), which the base model never learned to predict, so on SmolLM2 it carried
+    about as much log-ratio as a whole short answer."""
+    no_eos_penalty: float
+    skip: frozenset[int] = frozenset()
+
+    def __call__(self, token_ids: list[int], sft_logprobs: list[float], base_logprobs: list[float], finished: bool) -> float:
+        if not finished:
+            return self.no_eos_penalty
+        keep = [t not in self.skip for t in token_ids]
+        return math.fsum(x for x, k in zip(sft_logprobs, keep) if k) - math.fsum(x for x, k in zip(base_logprobs, keep) if k)
+
+
+def template_ids(run: Run) -> frozenset[int]:
+    """The chat template's tokens a response can hold: end of turn and other special tokens."""
+    return frozenset(run.tokenizer.all_special_ids) | frozenset(run.chat.stop_token_ids)
+
+
+def implicit_reward(run: Run, cfg: SRPPOConfig | RSOConfig) -> ImplicitReward:
+    return ImplicitReward(cfg.no_eos_penalty, template_ids(run) if cfg.reward_tokens == "answer" else frozenset())
 
 
 # -------------------------------------------------------------------- the reward model

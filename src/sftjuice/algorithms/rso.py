@@ -163,9 +163,8 @@ def candidate_pairs(run: Run, cfg: RSOConfig, r: int, reward_model, base):
     and paired (:func:`choose`). ``reward_model`` scores in full precision (a judge); with
     ``base`` (the implicit reward) log pi_base is taken in the run's precision, that of the
     sampler's log pi_SFT."""
-    from .srppo import sequence_reward
-
     per_batch = max(1, cfg.generation_batch_size // cfg.num_samples)  # prompts a pass, as the sampler
+    implicit = references.implicit_reward(run, cfg)
 
     def annotate(examples: list[Example], samples) -> list[dict]:
         prompts = [e.prompt_ids for e in examples]
@@ -175,7 +174,7 @@ def candidate_pairs(run: Run, cfg: RSOConfig, r: int, reward_model, base):
         else:
             with run.accelerator.autocast():
                 by_base = token_logprobs_of(base, run.tokenizer.pad_token_id, prompts, candidates, per_batch)
-            rewards = [[sequence_reward(s.logprobs, b, s.finished, cfg.no_eos_penalty) for s, b in zip(ss, bs)]
+            rewards = [[implicit(s.token_ids, s.logprobs, b, s.finished) for s, b in zip(ss, bs)]
                        for ss, bs in zip(samples, by_base)]
         return [choose(c, rw, cfg.rejection_beta, cfg.num_accepted, random.Random(derive_seed(cfg.seed, "accept", r, e.index)))
                 for e, c, rw in zip(examples, candidates, rewards)]

@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -75,12 +74,6 @@ log = logging.getLogger(__name__)
 # ------------------------------------------------------------------------ the reward
 
 
-def sequence_reward(sft_logprobs: list[float], base_logprobs: list[float], finished: bool, no_eos_penalty: float) -> float:
-    """r(x, y) = sum_t log pi_SFT(y_t) - log pi_base(y_t) of a finished response; a response
-    cut before its end of turn gets ``no_eos_penalty``."""
-    return math.fsum(sft_logprobs) - math.fsum(base_logprobs) if finished else no_eos_penalty
-
-
 def _token_logprobs(model, pad_id: int, examples: list[Example], samples) -> list[tuple[list[float] | None, list[list[float]]]]:
     """Per prompt: per-token log-probs of its demonstration (None for an unlabelled prompt)
     and of its samples, each prompt computed once for all of them."""
@@ -95,7 +88,7 @@ def _token_logprobs(model, pad_id: int, examples: list[Example], samples) -> lis
     return out
 
 
-def reference_scores(run: Run, pi_sft, base, no_eos_penalty: float):
+def reference_scores(run: Run, pi_sft, base, reward: references.ImplicitReward):
     """``annotate`` for :func:`rounds.sample_round`: per-token log pi_SFT (``ref_token_logprobs``,
     also pi_ref of the KL) and log pi_base (``base_token_logprobs``) of each sample, and r of
     the demonstration (``pi_sft`` from :func:`references.starting_policy`)."""
@@ -107,15 +100,15 @@ def reference_scores(run: Run, pi_sft, base, no_eos_penalty: float):
                 by_sft = _token_logprobs(sft, pad, examples, samples)
             by_base = _token_logprobs(base, pad, examples, samples)
         return [{"ref_token_logprobs": s_samples, "base_token_logprobs": b_samples,
-                 "demonstration_reward": None if s_demo is None else sequence_reward(s_demo, b_demo, True, no_eos_penalty)}
-                for (s_demo, s_samples), (b_demo, b_samples) in zip(by_sft, by_base)]
+                 "demonstration_reward": None if s_demo is None else reward(e.completion_ids, s_demo, b_demo, True)}
+                for e, (s_demo, s_samples), (b_demo, b_samples) in zip(examples, by_sft, by_base)]
 
     return annotate
 
 
-def round_rewards(rows: list[dict], no_eos_penalty: float) -> list[float]:
+def round_rewards(rows: list[dict], reward: references.ImplicitReward) -> list[float]:
     """r of every sample of a round, prompt-major (a prompt's n together)."""
-    return [sequence_reward(sft, base, s["finished"], no_eos_penalty) for row in rows
+    return [reward(s["token_ids"], sft, base, s["finished"]) for row in rows
             for s, sft, base in zip(row["samples"], row["ref_token_logprobs"], row["base_token_logprobs"])]
 
 
@@ -191,15 +184,15 @@ def train(cfg: SRPPOConfig, model=None, tokenizer=None, data=None) -> Path:
     pi_sft = references.starting_policy(run)  # pi_SFT = pi_ref
     base = references.load_base(run, cfg.base_model)
     state = run.resume()
-    annotate = reference_scores(run, pi_sft, base, cfg.no_eos_penalty)
+    reward = references.implicit_reward(run, cfg)
+    annotate = reference_scores(run, pi_sft, base, reward)
     policy_loss = policy_micro_loss(policy, cfg.clip_range)
-    template_ids = set(run.tokenizer.all_special_ids) | set(run.chat.stop_token_ids)
     round_steps = [steps * cfg.policy_steps for steps in per_pass]
     for ctx in rounds.each_round(run, plan, round_steps, state):
         r, t0 = ctx.index, time.time()
         rows = rounds.sample_round(run, r, ctx.round.section, cfg.seed, ctx.pi_t, data=(examples, demos), annotate=annotate)
         groups = groups_of(rows, examples)
-        rewards = round_rewards(rows, cfg.no_eos_penalty)
+        rewards = round_rewards(rows, reward)
         t1 = time.time()
 
         # K passes of PPO-clip on RLOO advantages of r - kl_coef * KL(pi_t || pi_SFT)
@@ -212,7 +205,7 @@ def train(cfg: SRPPOConfig, model=None, tokenizer=None, data=None) -> Path:
             "step": ctx.step, "event": "round", "round": r, **rounds.sample_stats(rows),
             "sample_reward": sum(rewards) / len(rewards),
             "finished_reward_mean": sum(finished) / len(finished) if finished else None,
-            **ranking_stats(groups, rows, rewards, n), "kl": kl.mean().item(), **template_stats(rows, template_ids),
+            **ranking_stats(groups, rows, rewards, n), "kl": kl.mean().item(), **template_stats(rows, references.template_ids(run)),
             "generation_seconds": round(t1 - t0, 2), "policy_seconds": round(time.time() - t1, 2),
         })
         ctx.checkpoint()
