@@ -15,7 +15,7 @@ from sftjuice import generation
 from sftjuice.config import IRFTConfig, SamplingConfig, SftjuiceError, parse_args
 from sftjuice.storage import read_jsonl
 
-from .conftest import build_tiny_model, sort_rows, write_jsonl
+from .conftest import assert_ends_as, build_tiny_model, kill_at_random_moments, resume, run_cli, sort_rows, write_jsonl
 
 needs_vllm = pytest.mark.vllm, pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
                                                    reason="vllm is not installed (`make vllm` sets up .venv-vllm)")
@@ -172,3 +172,24 @@ def test_vllm_and_the_torch_sampler_draw_from_one_distribution(tmp_path, tokeniz
         assert two_sample_chi2_pvalue(drawn["torch", top_p], drawn["vllm", top_p]) > 1e-3
     assert set(drawn["vllm", 0.9].tolist()) <= nucleus
     assert two_sample_chi2_pvalue(drawn["torch", 1.0], drawn["vllm", 0.9]) < 1e-3
+
+
+@needs_vllm[0]
+@needs_vllm[1]
+def test_a_killed_vllm_run_resumes_as_the_torch_one_does(tmp_path, vllm_model_dir):
+    """IRFT sampled by vLLM, SIGKILLed at three seeded moments (engine start-up, sampling, a
+    step, a checkpoint) and resumed: it ends with the weights, round files and metrics of a
+    run never killed, as test_resume.py asserts for the torch sampler. The engine's draws are
+    seeded per prompt, so a round sampled after a resume is the one the straight run drew."""
+    import time
+
+    data = write_jsonl(tmp_path / "demos.jsonl", sort_rows(8))
+    args = ["train", "--method", "irft", "--model", vllm_model_dir, "--data", data, "--rounds", "2", "--seed", "3",
+            "--per-device-batch-size", "2", "--learning-rate", "1e-3", "--lr-scheduler", "constant",
+            "--max-new-tokens", "8", "--generation-backend", "vllm"]
+    t0 = time.time()
+    run_cli(*args, "--output", tmp_path / "straight")
+    out = tmp_path / "killed"
+    assert kill_at_random_moments(args, out, time.time() - t0, seed="kill vllm") >= 2, "the runs ended before they could be killed"
+    resume(args, out)
+    assert_ends_as(out, tmp_path / "straight")
