@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sftjuice.algorithms.rounds import Completion
-from sftjuice.algorithms.rso import NO_PAIR, Pairs, choose, pair_micro_loss, pairs_in
+from sftjuice.algorithms.rso import NO_PAIR, Pairs, accept_and_pair, pair_micro_loss, accepted_pairs_in
 from sftjuice.cli import main
 from sftjuice.config import RSOConfig
 from sftjuice.models import load_policy, load_reward_model, reward_pad_id, save_reward_model
@@ -41,7 +41,7 @@ def test_copies_are_one_response_and_pairs_are_disjoint():
     a, b, c = [5, 6, 2], [7, 2], [8, 9, 9, 2]
     candidates = [a, b, list(a), c, list(a), list(b)]
     for seed in range(50):
-        got = choose(candidates, [0.3, -1.0, 0.9, 2.0, 0.1, 5.0], rejection_beta=1.0, num_accepted=4, rng=random.Random(seed))
+        got = accept_and_pair(candidates, [0.3, -1.0, 0.9, 2.0, 0.1, 5.0], rejection_beta=1.0, num_accepted=4, rng=random.Random(seed))
         assert got["rewards"] == [0.3, -1.0, 0.3, 2.0, 0.3, -1.0]
         texts = [tuple(candidates[i]) for i in got["accepted"]]
         assert len(texts) == len(set(texts)) == 3  # three distinct responses, fewer than M = 4
@@ -49,7 +49,7 @@ def test_copies_are_one_response_and_pairs_are_disjoint():
         (w, l), = got["pairs"]
         assert {w, l} <= set(got["accepted"]) and got["rewards"][w] > got["rewards"][l]
     # one response drawn N times: nothing to pair
-    assert choose([a, list(a), list(a)], [1.0, 1.0, 1.0], 0.5, 2, random.Random(0))["pairs"] == []
+    assert accept_and_pair([a, list(a), list(a)], [1.0, 1.0, 1.0], 0.5, 2, random.Random(0))["pairs"] == []
 
 
 # ------------------------------------------------------------------------ the loss
@@ -89,7 +89,7 @@ def test_one_step_of_each_loss_raises_the_winners_margin(kind, tiny_model_dir, d
     if kind != "hinge":  # plain hinge has no reference: its margin is the raw log-prob gap
         assert before["margin"].item() == pytest.approx(0.0, abs=1e-3)
         assert before_sum.item() / 6 == pytest.approx(math.log(2) if kind == "sigmoid" else 1.0, abs=1e-3)
-    learner.step(items, loss, pairs_in)
+    learner.step(items, loss, accepted_pairs_in)
     with torch.no_grad():
         after_sum, after = loss(items)
     assert after["margin"].item() > before["margin"].item() + 0.1
@@ -110,7 +110,7 @@ def test_empty_pair_slots_change_nothing(tiny_model_dir, demo_file, tmp_path):
         alone = [loss([g])[1] for g in items]
     for key in together:
         assert together[key].item() == pytest.approx(sum(a[key].item() for a in alone), abs=1e-4)
-    assert pairs_in(items) == 4 and NO_PAIR[0].logprob == 0.0
+    assert accepted_pairs_in(items) == 4 and NO_PAIR[0].logprob == 0.0
 
 
 # ------------------------------------------------------------------- end to end

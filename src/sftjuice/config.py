@@ -30,7 +30,7 @@ class SftjuiceError(Exception):
     """A problem the user can fix (bad input, bad option). Reported in one line, no traceback."""
 
 
-def _f(default, help: str, *, gt=None, ge=None, le=None, lt=None, alias: str | None = None):
+def option(default, help: str, *, gt=None, ge=None, le=None, lt=None, alias: str | None = None):
     """A field with its help text, allowed range (``gt``/``ge``/``le``/``lt``) and another flag
     name (``alias``, e.g. the name a paper uses)."""
     meta = {"help": help, **{k: v for k, v in dict(gt=gt, ge=ge, le=le, lt=lt, alias=alias).items() if v is not None}}
@@ -66,7 +66,7 @@ def config(cls):
             if side & changes.keys():
                 meta = {k: v for k, v in meta.items() if k not in side}
         own[name] = base.type
-        setattr(cls, name, _f(default, **{**meta, **changes}))
+        setattr(cls, name, option(default, **{**meta, **changes}))
     return dataclass(cls)
 
 
@@ -105,40 +105,40 @@ class Checked:
 
 @config
 class ModelConfig(Checked):
-    model: str = _f(DEFAULT_MODEL, "HF model directory, hub id in the local cache, or 'smollm2-135m-instruct'")
-    lora: bool = _f(False, "train a LoRA adapter instead of all weights")
-    lora_r: int = _f(16, "LoRA rank", ge=1)
-    lora_alpha: int = _f(32, "LoRA alpha (scale = alpha / r)", gt=0)
-    lora_dropout: float = _f(0.05, "LoRA dropout", ge=0, lt=1)
-    lora_target_modules: list[str] = _f(["all-linear"], "module names LoRA adapts ('all-linear' = every linear layer but the head)")
-    chat_template: str | None = _f(None, "for a tokenizer without a chat template: 'chatml' or a Jinja file (saved with the trained model)")
-    bf16: Literal["auto", "true", "false"] = _f(
+    model: str = option(DEFAULT_MODEL, "HF model directory, hub id in the local cache, or 'smollm2-135m-instruct'")
+    lora: bool = option(False, "train a LoRA adapter instead of all weights")
+    lora_r: int = option(16, "LoRA rank", ge=1)
+    lora_alpha: int = option(32, "LoRA alpha (scale = alpha / r)", gt=0)
+    lora_dropout: float = option(0.05, "LoRA dropout", ge=0, lt=1)
+    lora_target_modules: list[str] = option(["all-linear"], "module names LoRA adapts ('all-linear' = every linear layer but the head)")
+    chat_template: str | None = option(None, "for a tokenizer without a chat template: 'chatml' or a Jinja file (saved with the trained model)")
+    bf16: Literal["auto", "true", "false"] = option(
         "false", "bf16 autocast for forward/backward and sampling (fp32 master weights); auto = where a cached "
         "micro-benchmark finds bf16 matrix math faster than fp32 on this machine (env SFTJUICE_BF16 sets what auto means)")
-    seed: int = _f(0, "random seed (data order, sampling, initialisation)", ge=0)
+    seed: int = option(0, "random seed (data order, sampling, initialisation)", ge=0)
 
 
 @config
 class DataConfig(Checked):
-    data: str | None = _f(None, "demonstrations: JSONL / JSON file or a `datasets` directory")
-    skip_invalid: bool = _f(False, "skip invalid rows (counted and reported) instead of stopping")
-    max_prompt_length: int = _f(512, "rows whose rendered prompt is longer are invalid", ge=1)
-    max_length: int = _f(1024, "prompt + completion tokens; longer completions are truncated (and counted)", ge=2)
+    data: str | None = option(None, "demonstrations: JSONL / JSON file or a `datasets` directory")
+    skip_invalid: bool = option(False, "skip invalid rows (counted and reported) instead of stopping")
+    max_prompt_length: int = option(512, "rows whose rendered prompt is longer are invalid", ge=1)
+    max_length: int = option(1024, "prompt + completion tokens; longer completions are truncated (and counted)", ge=2)
 
 
 @config
 class SamplingConfig(Checked):
-    num_samples: int = _f(1, "responses sampled per prompt", ge=1)
-    temperature: float = _f(1.0, "sampling temperature; 0 = greedy", ge=0)
-    top_p: float = _f(1.0, "nucleus sampling threshold (1 = off)", gt=0, le=1)
-    max_new_tokens: int = _f(128, "longest sampled response, in tokens", ge=1)
+    num_samples: int = option(1, "responses sampled per prompt", ge=1)
+    temperature: float = option(1.0, "sampling temperature; 0 = greedy", ge=0)
+    top_p: float = option(1.0, "nucleus sampling threshold (1 = off)", gt=0, le=1)
+    max_new_tokens: int = option(128, "longest sampled response, in tokens", ge=1)
     # 64 rather than 32: a decode step's matmuls have one row per sequence, and the default
     # model's run at 0.47-0.56 of the fp32 ceiling on 32 rows and 0.61-0.77 on 96 (two runs,
     # README "What it found"); the cache costs ~0.9 GB for 64 rows of 300 positions of it
-    generation_batch_size: int = _f(64, "sequences decoded together", ge=1)
-    generation_backend: Literal["torch", "vllm"] = _f(
+    generation_batch_size: int = option(64, "sequences decoded together", ge=1)
+    generation_backend: Literal["torch", "vllm"] = option(
         "torch", "sampling engine: the in-process KV-cache sampler, or vLLM (needs the vllm package; README: vLLM)")
-    vllm_gpu_memory_utilization: float = _f(0.3, "vLLM: share of GPU memory for its engine (it shares the GPU with training)", gt=0, le=1)
+    vllm_gpu_memory_utilization: float = option(0.3, "vLLM: share of GPU memory for its engine (it shares the GPU with training)", gt=0, le=1)
 
 
 # ----------------------------------------------------------------------- training
@@ -147,24 +147,24 @@ class SamplingConfig(Checked):
 @config
 class TrainConfig(ModelConfig, DataConfig):
     """What every training method takes."""
-    method: str = _f("sft", "training method: sft, irft, spin, rft, srppo, rso, steps, rest")
-    output: str | None = _f(None, "output directory (checkpoints, metrics.jsonl, final/)")
-    learning_rate: float = _f(5e-5, "peak learning rate (AdamW)", gt=0)
-    lr_scheduler: Literal["constant", "linear", "cosine"] = _f("linear", "learning-rate schedule after warmup")
-    warmup_ratio: float = _f(0.0, "share of steps with linear warmup", ge=0, le=1)
-    weight_decay: float = _f(0.0, "AdamW weight decay", ge=0)
-    max_grad_norm: float = _f(1.0, "gradient clipping norm (0 = off)", ge=0)
-    per_device_batch_size: int = _f(8, "prompts per process per micro-batch, each with what the method generates for it", ge=1)
-    gradient_accumulation_steps: int = _f(1, "micro-batches per optimiser step", ge=1)
-    save_every: int = _f(0, "checkpoint every N optimiser steps (0 = at the end of each epoch/round only)", ge=0)
-    keep_checkpoints: int = _f(1, "how many checkpoints to keep", ge=1)
-    resume: bool = _f(False, "continue the run in --output from its last checkpoint")
-    overwrite: bool = _f(False, "delete what --output holds and start afresh")
-    merge_lora: bool = _f(False, "with --lora: also write the merged model to OUTPUT/merged/")
-    log_every: int = _f(1, "append metrics every N optimiser steps", ge=1)
-    max_bad_steps: int = _f(3, "stop after this many optimiser steps in a row with a non-finite loss or gradient norm "
+    method: str = option("sft", "training method: sft, irft, spin, rft, srppo, rso, steps, rest")
+    output: str | None = option(None, "output directory (checkpoints, metrics.jsonl, final/)")
+    learning_rate: float = option(5e-5, "peak learning rate (AdamW)", gt=0)
+    lr_scheduler: Literal["constant", "linear", "cosine"] = option("linear", "learning-rate schedule after warmup")
+    warmup_ratio: float = option(0.0, "share of steps with linear warmup", ge=0, le=1)
+    weight_decay: float = option(0.0, "AdamW weight decay", ge=0)
+    max_grad_norm: float = option(1.0, "gradient clipping norm (0 = off)", ge=0)
+    per_device_batch_size: int = option(8, "prompts per process per micro-batch, each with what the method generates for it", ge=1)
+    gradient_accumulation_steps: int = option(1, "micro-batches per optimiser step", ge=1)
+    save_every: int = option(0, "checkpoint every N optimiser steps (0 = at the end of each epoch/round only)", ge=0)
+    keep_checkpoints: int = option(1, "how many checkpoints to keep", ge=1)
+    resume: bool = option(False, "continue the run in --output from its last checkpoint")
+    overwrite: bool = option(False, "delete what --output holds and start afresh")
+    merge_lora: bool = option(False, "with --lora: also write the merged model to OUTPUT/merged/")
+    log_every: int = option(1, "append metrics every N optimiser steps", ge=1)
+    max_bad_steps: int = option(3, "stop after this many optimiser steps in a row with a non-finite loss or gradient norm "
                             "(each is skipped: it never reaches the weights)", ge=1)
-    report_to: Literal["none", "tensorboard", "wandb"] = _f(
+    report_to: Literal["none", "tensorboard", "wandb"] = option(
         "none", "also log metrics.jsonl's numbers through accelerate's tracker (TensorBoard: OUTPUT/sftjuice/; W&B: honours WANDB_MODE)")
 
     def check(self) -> None:
@@ -183,29 +183,29 @@ class TrainConfig(ModelConfig, DataConfig):
 
 @config
 class EpochsConfig(Checked):
-    epochs: float = _f(1.0, "passes over the data", gt=0)
+    epochs: float = option(1.0, "passes over the data", gt=0)
 
 
 @config
 class RoundsConfig(EpochsConfig):
-    rounds: int = _f(4, "T: generation rounds per epoch; each round samples for its section of the data, then trains on it", ge=1)
+    rounds: int = option(4, "T: generation rounds per epoch; each round samples for its section of the data, then trains on it", ge=1)
 
 
 @config
 class PairLossConfig(Checked):
     """Methods that fit pairs (chosen, rejected) by their log-prob margins: IRFT, SPIN, RSO, steps."""
-    beta: float = _f(0.1, "the pair loss's scale on the log-prob margins to the reference (DPO's beta); "
+    beta: float = option(0.1, "the pair loss's scale on the log-prob margins to the reference (DPO's beta); "
                      "irft/spin: the implicit reward is beta * log(pi / pi_t)", gt=0)
 
 
 @config
 class ImplicitRewardConfig(Checked):
     """The implicit reward log pi_SFT(y|x) - log pi_base(y|x) of SRPPO and of RSO's --reward implicit."""
-    base_model: str | None = _f(None, "implicit reward: pi_base, the pretrained model --model was fine-tuned from; default: "
+    base_model: str | None = option(None, "implicit reward: pi_base, the pretrained model --model was fine-tuned from; default: "
                                 "the starting model of the sftjuice SFT run whose OUTPUT/final is --model")
-    no_eos_penalty: float = _f(-1.0, "implicit reward of a sample cut at --max-new-tokens (no end of turn), instead of its "
+    no_eos_penalty: float = option(-1.0, "implicit reward of a sample cut at --max-new-tokens (no end of turn), instead of its "
                                "log-ratio; in nats, 0 = pi_SFT and pi_base agree")
-    reward_tokens: Literal["all", "answer"] = _f(
+    reward_tokens: Literal["all", "answer"] = option(
         "all", "implicit reward over all of a response's tokens, or its answer only (without the chat template's end of "
                "turn, which the base model never learned and which can carry as much log-ratio as the answer)")
 
@@ -232,9 +232,9 @@ class PolicyGradientConfig(RoundsConfig, OnlineConfig):
     """RFT and SRPPO: PPO-clip and a KL estimate on samples of pi_t. Both take the samples to
     come from pi_t itself, whose untempered log-probs are the ratio's denominator and the
     KL's; a temperature or nucleus would sample another policy and bias both."""
-    policy_steps: int = _f(1, "K: PPO-clip passes over a round's samples; 0 (rft only) trains the reward alone", ge=0)
-    kl_coef: float = _f(0.1, "weight of the per-token KL to pi_ref = pi_SFT (the starting model) in the policy's reward", ge=0)
-    clip_range: float = _f(0.2, "PPO-clip epsilon on the ratio pi_theta / pi_t of a whole sample", gt=0, lt=1)
+    policy_steps: int = option(1, "K: PPO-clip passes over a round's samples; 0 (rft only) trains the reward alone", ge=0)
+    kl_coef: float = option(0.1, "weight of the per-token KL to pi_ref = pi_SFT (the starting model) in the policy's reward", ge=0)
+    clip_range: float = option(0.2, "PPO-clip epsilon on the ratio pi_theta / pi_t of a whole sample", gt=0, lt=1)
     # defaults these methods change: at least 2 samples a prompt (RLOO baselines each by the
     # others), and fewer prompts a batch, each carrying its samples
     _defaults = dict(num_samples=_narrowed(2, ge=2), per_device_batch_size=4)
@@ -250,12 +250,12 @@ class PolicyGradientConfig(RoundsConfig, OnlineConfig):
 @config
 class PairConfig(PairLossConfig, OnlineConfig):
     """The implicit-reward pair loss of IRFT and SPIN."""
-    passes: int = _f(1, "K: passes over a round's (demonstration, sample) pairs", ge=1)
-    loss: Literal["logistic", "linear", "hinge"] = _f("logistic", "l(u): logistic (SPIN), linear (exact IRL gradient), hinge")
-    keep_previous_round: bool = _f(False, "also train on the previous round's samples, re-scored by the current pi_t (SPIN's practice)")
-    sft_weight: float = _f(0.0, "add this weight times the demonstration's per-token NLL to each pair's loss", ge=0)
-    eval_data: str | None = _f(None, "held-out demonstrations: each round reports the implicit-reward margin on them")
-    eval_size: int = _f(64, "at most this many --eval-data rows", ge=1)
+    passes: int = option(1, "K: passes over a round's (demonstration, sample) pairs", ge=1)
+    loss: Literal["logistic", "linear", "hinge"] = option("logistic", "l(u): logistic (SPIN), linear (exact IRL gradient), hinge")
+    keep_previous_round: bool = option(False, "also train on the previous round's samples, re-scored by the current pi_t (SPIN's practice)")
+    sft_weight: float = option(0.0, "add this weight times the demonstration's per-token NLL to each pair's loss", ge=0)
+    eval_data: str | None = option(None, "held-out demonstrations: each round reports the implicit-reward margin on them")
+    eval_size: int = option(64, "at most this many --eval-data rows", ge=1)
 
 
 @config
@@ -268,7 +268,7 @@ class IRFTConfig(RoundsConfig, PairConfig):
 @config
 class SPINConfig(PairConfig):
     """SPIN (Chen et al. 2024): IRFT with one generation round over the whole data per iteration."""
-    iterations: int = _f(1, "generation rounds over the whole data", ge=1)
+    iterations: int = option(1, "generation rounds over the whole data", ge=1)
     # defaults this method changes
     _defaults = dict(method="spin")
 
@@ -284,10 +284,10 @@ class SPINConfig(PairConfig):
 @config
 class RFTConfig(PolicyGradientConfig):
     """RFT (Algorithm 1): an explicit reward model, then KL-regularised RL against it."""
-    reward_loss: Literal["logistic", "linear"] = _f("logistic", "reward-step l(u): logistic (Bradley-Terry) or linear (exact IRL gradient; needs --reward-l2)")
-    reward_l2: float = _f(0.0, "L2 penalty on the reward values of each pair, bounds the linear loss", ge=0)
-    reward_model: str | None = _f(None, "reward model's starting point (HF directory); default: the policy's starting model")
-    reward_learning_rate: float = _f(2e-5, "reward model's peak learning rate (AdamW, same schedule as the policy's; 0 keeps the reward fixed)", ge=0)
+    reward_loss: Literal["logistic", "linear"] = option("logistic", "reward-step l(u): logistic (Bradley-Terry) or linear (exact IRL gradient; needs --reward-l2)")
+    reward_l2: float = option(0.0, "L2 penalty on the reward values of each pair, bounds the linear loss", ge=0)
+    reward_model: str | None = option(None, "reward model's starting point (HF directory); default: the policy's starting model")
+    reward_learning_rate: float = option(2e-5, "reward model's peak learning rate (AdamW, same schedule as the policy's; 0 keeps the reward fixed)", ge=0)
     # defaults this method changes
     _defaults = dict(method="rft")
 
@@ -300,7 +300,7 @@ class RFTConfig(PolicyGradientConfig):
 @config
 class SRPPOConfig(ImplicitRewardConfig, PolicyGradientConfig):
     """Self-Rewarding PPO (Zhang et al. 2025): reward log pi_SFT(y|x) - log pi_base(y|x), KL-regularised RL from pi_SFT."""
-    prompts: str | None = _f(None, "extra unlabelled prompts (JSONL / JSON / datasets dir; completions ignored) sampled "
+    prompts: str | None = option(None, "extra unlabelled prompts (JSONL / JSON / datasets dir; completions ignored) sampled "
                              "and trained on with --data's; only --data's demonstrations are ranked in the metrics")
     # defaults this method changes
     _defaults = dict(method="srppo", num_samples=4, kl_coef=0.05)
@@ -314,8 +314,8 @@ class SRPPOConfig(ImplicitRewardConfig, PolicyGradientConfig):
 @config
 class VerifiedConfig(RoundsConfig, OnlineConfig):
     """Methods that keep what a verifier accepts among the policy's own solutions (Setlur et al. 2024)."""
-    verifier: str | None = _f(None, "answer verifier: a built-in one (exact, steps) or module:function; default exact")
-    max_positives: int = _f(2, "distinct verified-correct solutions kept per prompt (paper: up to 4 of 8)", ge=1)
+    verifier: str | None = option(None, "answer verifier: a built-in one (exact, steps) or module:function; default exact")
+    max_positives: int = option(2, "distinct verified-correct solutions kept per prompt (paper: up to 4 of 8)", ge=1)
     # defaults these methods change: the paper's 8 samples, scaled down for a CPU
     _defaults = dict(num_samples=4)
 
@@ -330,12 +330,12 @@ class RestConfig(VerifiedConfig):
 @config
 class StepsConfig(PairLossConfig, VerifiedConfig):
     """Per-step negatives (Setlur et al. 2024): DPO of a verified solution over a wrong one cut at its first pit."""
-    max_negatives: int = _f(2, "wrong solutions per prompt made into negatives (paper: 8)", ge=1)
-    rollouts: int = _f(3, "K: completions of pi_SFT from each step prefix of a negative (paper: 5)", ge=1)
-    value: Literal["any", "mean"] = _f("any", "a prefix's value from its rollouts: any verifies (the paper's) or their mean score")
-    credit: Literal["step", "response"] = _f(
+    max_negatives: int = option(2, "wrong solutions per prompt made into negatives (paper: 8)", ge=1)
+    rollouts: int = option(3, "K: completions of pi_SFT from each step prefix of a negative (paper: 5)", ge=1)
+    value: Literal["any", "mean"] = option("any", "a prefix's value from its rollouts: any verifies (the paper's) or their mean score")
+    credit: Literal["step", "response"] = option(
         "step", "step: the negative is cut after its first pit; response: the whole wrong solution (no rollouts)")
-    sft_weight: float = _f(0.0, "add this weight times the verified positive's per-token NLL to each pair's loss", ge=0)
+    sft_weight: float = option(0.0, "add this weight times the verified positive's per-token NLL to each pair's loss", ge=0)
     # defaults this method changes
     _defaults = dict(method="steps")
 
@@ -343,17 +343,17 @@ class StepsConfig(PairLossConfig, VerifiedConfig):
 @config
 class RSOConfig(RoundsConfig, PairLossConfig, ImplicitRewardConfig, OnlineConfig):
     """RSO (Liu et al. 2024): rejection-sample pairs towards pi* ∝ pi_SFT exp(r/rejection_beta) from N candidates of the frozen starting model, then fit them with a DPO/SLiC loss."""
-    num_accepted: int = _f(8, "M: distinct candidates kept per prompt by rejection sampling; they form M/2 random pairs", ge=2)
-    reward: Literal["model", "implicit"] = _f(
+    num_accepted: int = option(8, "M: distinct candidates kept per prompt by rejection sampling; they form M/2 random pairs", ge=2)
+    reward: Literal["model", "implicit"] = option(
         "model", "model: a sequence-classification reward (--reward-model); implicit: log pi_SFT(y) - log pi_base(y) (--base-model)")
-    reward_model: str | None = _f(None, "--reward model: an AutoModelForSequenceClassification directory with the "
+    reward_model: str | None = option(None, "--reward model: an AutoModelForSequenceClassification directory with the "
                                   "policy's tokenizer, e.g. an RFT run's OUTPUT/reward_model")
-    rejection_beta: float = _f(0.5, "rejection sampling's temperature: it draws towards pi* ∝ pi_SFT exp(r / rejection_beta); "
+    rejection_beta: float = option(0.5, "rejection sampling's temperature: it draws towards pi* ∝ pi_SFT exp(r / rejection_beta); "
                                "in the reward's units (retune per reward): near 0 = best-of-N, large = plain sampling. "
                                "Formerly --beta, which is now the DPO coefficient (formerly --gamma): an old --beta is not caught", gt=0)
-    loss: Literal["sigmoid", "hinge", "hinge-norm"] = _f(
+    loss: Literal["sigmoid", "hinge", "hinge-norm"] = option(
         "sigmoid", "sigmoid (DPO), hinge (SLiC: no reference), hinge-norm (hinge on DPO's reference-normalised margin)")
-    passes: int = _f(1, "passes over a round's pairs", ge=1)
+    passes: int = option(1, "passes over a round's pairs", ge=1)
     # defaults this method changes: N candidates (the paper: 64, here --num-candidates too) at
     # the paper's temperature, which must be > 0 (greedy would draw one candidate N times)
     _defaults = dict(method="rso", num_samples=_narrowed(16, ge=2, alias="num-candidates"), temperature=_narrowed(0.7, gt=0),
@@ -403,29 +403,29 @@ def method_config(method: str) -> type[TrainConfig]:
 
 @config
 class GenerateConfig(ModelConfig, DataConfig, SamplingConfig):
-    output: str | None = _f(None, "JSONL file for the samples")
+    output: str | None = option(None, "JSONL file for the samples")
 
 
 @config
 class RewardScoreConfig(DataConfig):
-    reward_model: str | None = _f(None, "reward model directory (e.g. OUTPUT/reward_model of an RFT run)")
-    output: str | None = _f(None, "JSONL file: the input rows, each with its 'reward'")
-    batch_size: int = _f(16, "sequences scored together", ge=1)
+    reward_model: str | None = option(None, "reward model directory (e.g. OUTPUT/reward_model of an RFT run)")
+    output: str | None = option(None, "JSONL file: the input rows, each with its 'reward'")
+    batch_size: int = option(16, "sequences scored together", ge=1)
 
 
 @config
 class EvalConfig(ModelConfig, SamplingConfig):
-    judge: str = _f("verifier", "verifier (final-answer match), loglik (reference log-prob per token), "
+    judge: str = option("verifier", "verifier (final-answer match), loglik (reference log-prob per token), "
                     "gap (log-prob gap on --pairs), or a reward-model directory")
-    verifier: str | None = _f(None, "--judge verifier: a built-in verifier (exact, steps) or module:function; default exact")
-    data: str | None = _f(None, "prompts with references (an 'answer' field, else the completion): JSONL / JSON / datasets dir")
-    baseline: str | None = _f(None, "a second model judged on the same prompts; the win rate is --model's over it")
-    output: str | None = _f(None, "directory for eval.json and eval.md (and gap.png)")
-    pairs: str | None = _f(None, "--judge gap: JSONL of {prompt, chosen, rejected}; --model may be a training output folder")
-    responses: str | None = _f(None, "--model's responses as prompt/completion rows (e.g. sftjuice generate output), not generated")
-    baseline_responses: str | None = _f(None, "--baseline's responses, as --responses")
-    skip_invalid: bool = _f(False, "skip invalid rows (counted and reported) instead of stopping")
-    batch_size: int = _f(16, "sequences scored together (log-likelihood, reward model, gap)", ge=1)
+    verifier: str | None = option(None, "--judge verifier: a built-in verifier (exact, steps) or module:function; default exact")
+    data: str | None = option(None, "prompts with references (an 'answer' field, else the completion): JSONL / JSON / datasets dir")
+    baseline: str | None = option(None, "a second model judged on the same prompts; the win rate is --model's over it")
+    output: str | None = option(None, "directory for eval.json and eval.md (and gap.png)")
+    pairs: str | None = option(None, "--judge gap: JSONL of {prompt, chosen, rejected}; --model may be a training output folder")
+    responses: str | None = option(None, "--model's responses as prompt/completion rows (e.g. sftjuice generate output), not generated")
+    baseline_responses: str | None = option(None, "--baseline's responses, as --responses")
+    skip_invalid: bool = option(False, "skip invalid rows (counted and reported) instead of stopping")
+    batch_size: int = option(16, "sequences scored together (log-likelihood, reward model, gap)", ge=1)
     # defaults this command changes: greedy answers
     _defaults = dict(temperature=0.0)
 

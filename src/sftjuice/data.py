@@ -228,7 +228,7 @@ def _dataset_rows(path: Path):
         yield f"{path}:row {i}", {k: v for k, v in row.items() if v is not None}
 
 
-def _check_messages(value, name: str) -> list[dict]:
+def check_messages(value, name: str) -> list[dict]:
     """A non-empty list of ``{"role": one of ROLES, "content": str}`` messages."""
     if not isinstance(value, list) or not value:
         raise ValueError(name, "expected a non-empty list of {role, content} messages")
@@ -244,7 +244,7 @@ def _check_messages(value, name: str) -> list[dict]:
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
-def _check_prompt(msgs: list[dict], name: str) -> list[dict]:
+def check_prompt(msgs: list[dict], name: str) -> list[dict]:
     """A prompt is a chat the model answers next: it has a user turn and does not end with
     an assistant turn."""
     if not any(m["role"] == "user" for m in msgs):
@@ -255,12 +255,12 @@ def _check_prompt(msgs: list[dict], name: str) -> list[dict]:
     return msgs
 
 
-def _text_of(value, name: str) -> str:
+def text_of(value, name: str) -> str:
     """A completion given as a string or as a list with one assistant message."""
     if isinstance(value, str):
         return value
     if isinstance(value, list):
-        msgs = _check_messages(value, name)
+        msgs = check_messages(value, name)
         if len(msgs) != 1 or msgs[0]["role"] != "assistant":
             raise ValueError(name, "expected a string or one assistant message")
         return msgs[0]["content"]
@@ -275,7 +275,7 @@ def parse_row(row, source: str, require_completion: bool = True) -> Demonstratio
         clash = [k for k in ("prompt", "completion", "response") if k in row]
         if clash:
             raise ValueError("<row>", f"has both 'messages' and '{clash[0]}': use one format")
-        msgs = _check_messages(row["messages"], "messages")
+        msgs = check_messages(row["messages"], "messages")
         if msgs[-1]["role"] == "assistant":
             prompt, completion = msgs[:-1], msgs[-1]["content"]
             if not prompt:
@@ -294,7 +294,7 @@ def parse_row(row, source: str, require_completion: bool = True) -> Demonstratio
                 raise ValueError("prompt", "empty")
             prompt = [{"role": "user", "content": p}]
         else:
-            prompt = _check_prompt(_check_messages(p, "prompt"), "prompt")
+            prompt = check_prompt(check_messages(p, "prompt"), "prompt")
         if "completion" in row and "response" in row:
             raise ValueError("<row>", "has both 'completion' and 'response': use one")
         key = "completion" if "completion" in row else "response" if "response" in row else None
@@ -303,7 +303,7 @@ def parse_row(row, source: str, require_completion: bool = True) -> Demonstratio
                 raise ValueError("completion", "missing (expected 'completion' or 'response')")
             completion = None
         else:
-            completion = _text_of(row[key], key)
+            completion = text_of(row[key], key)
         extra = {k: v for k, v in row.items() if k not in ("prompt", "completion", "response")}
     else:
         raise ValueError("<row>", "expected a 'messages' field or a 'prompt' field")

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 
-from .config import DEFAULT_MODEL, METHOD_CONFIGS, Checked, SftjuiceError, _f
+from .config import DEFAULT_MODEL, METHOD_CONFIGS, Checked, SftjuiceError, option
 from .data import load_demonstrations
 from .evaluation import evaluate_model
 from .generation import derive_seed
@@ -86,23 +86,23 @@ def registered_methods() -> list[str]:
 @dataclass
 class DemoConfig(Checked):
     """One SFT epoch from the base model, then one more epoch of each method from it, judged on held-out prompts."""
-    output: str = _f("runs/demo", "output directory")
-    model: str = _f(DEFAULT_MODEL, "starting model")
-    task: str = _f("numbers__round_number", "demo task: a file pair in sftjuice/demo_data (e.g. multistep_arithmetic)")
-    train_size: int = _f(96, "demonstrations used for training", ge=2)
-    test_size: int = _f(100, "held-out prompts for evaluation", ge=2)
+    output: str = option("runs/demo", "output directory")
+    model: str = option(DEFAULT_MODEL, "starting model")
+    task: str = option("numbers__round_number", "demo task: a file pair in sftjuice/demo_data (e.g. multistep_arithmetic)")
+    train_size: int = option(96, "demonstrations used for training", ge=2)
+    test_size: int = option(100, "held-out prompts for evaluation", ge=2)
     # sft3 is in by default: continued SFT with the compute of the costliest method, the
     # baseline the quality benchmark found hardest to beat
-    methods: list[str] = _f(["sft", "sft3", "irft", "spin", "rft"], "methods compared after the shared SFT epoch "
+    methods: list[str] = option(["sft", "sft3", "irft", "spin", "rft"], "methods compared after the shared SFT epoch "
                             f"(also {', '.join(n for n in STAGE_EXTRAS if n not in METHOD_CONFIGS)}: SFT for 3 more epochs, "
                             "steps with whole-response credit)")
-    seed: int = _f(0, "random seed", ge=0)
-    max_new_tokens: int | None = _f(None, "longest sampled or evaluated answer; default: the task's "
+    seed: int = option(0, "random seed", ge=0)
+    max_new_tokens: int | None = option(None, "longest sampled or evaluated answer; default: the task's "
                                     f"({DEFAULT_TASK.max_new_tokens}; multistep_arithmetic {TASKS['multistep_arithmetic'].max_new_tokens})", ge=1)
-    verifier: str | None = _f(None, "answer verifier (exact, steps or module:function); default: the task's (exact)")
-    low_quality_fraction: float = _f(0.0, "share of training demonstrations made wrong: another question's answer, or for "
+    verifier: str | None = option(None, "answer verifier (exact, steps or module:function); default: the task's (exact)")
+    low_quality_fraction: float = option(0.0, "share of training demonstrations made wrong: another question's answer, or for "
                                      "multistep_arithmetic a slipped or skipped step carried to the answer", ge=0, le=1)
-    keep_models: bool = _f(True, "keep each stage's final model; false: delete it once evaluated unless a stage starts from it")
+    keep_models: bool = option(True, "keep each stage's final model; false: delete it once evaluated unless a stage starts from it")
 
     def check(self) -> None:
         tasks = task_names()

@@ -12,7 +12,7 @@ from functools import partial
 from pathlib import Path
 
 from .config import ModelConfig, RewardScoreConfig, SamplingConfig, SftjuiceError, require
-from .data import ChatFormat, DataError, Demonstration, _check_messages, _check_prompt, _text_of, load_demonstrations, load_rows
+from .data import ChatFormat, DataError, Demonstration, check_messages, check_prompt, text_of, load_demonstrations, load_rows
 from .generation import sample
 from .models import load_policy, load_reward_model, load_tokenizer, resolve_model, stop_token_ids, use_bf16
 from .report import markdown_table, plot_lines, text_table, write_json
@@ -154,7 +154,7 @@ def _prompt_of(row: dict) -> list[dict]:
         if not p.strip():
             raise ValueError("prompt", "empty")
         return [{"role": "user", "content": p}]
-    return _check_prompt(_check_messages(p, "prompt"), "prompt")
+    return check_prompt(check_messages(p, "prompt"), "prompt")
 
 
 def parse_pair(row, source: str) -> Pair:
@@ -166,7 +166,7 @@ def parse_pair(row, source: str) -> Pair:
     for name in ("chosen", "rejected"):
         if name not in row:
             raise ValueError(name, "missing")
-        texts.append(_text_of(row[name], name))
+        texts.append(text_of(row[name], name))
         if not texts[-1].strip():
             raise ValueError(name, "empty")
     return Pair(prompt, texts[0], texts[1], source)

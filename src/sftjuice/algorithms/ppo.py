@@ -16,7 +16,7 @@ from ..training import Learner, Run
 from .rounds import Completion, Group
 
 
-def reference_logprobs(run: Run, pi_ref):
+def reference_token_logprobs(run: Run, pi_ref):
     """``annotate`` for :func:`rounds.sample_round`: per-token log pi_ref of each sample
     (``pi_ref`` from :func:`references.starting_policy`)."""
     def annotate(examples: list[Example], samples) -> list[dict]:

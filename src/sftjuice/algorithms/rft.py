@@ -52,7 +52,7 @@ from ..models import reward_pad_id, save_reward_model
 from ..scoring import rewards_of, shared_rewards
 from ..training import Learner, Run, start_run
 from . import references, rounds
-from .ppo import assign_advantages, policy_micro_loss, reference_logprobs
+from .ppo import assign_advantages, policy_micro_loss, reference_token_logprobs
 from .rounds import Group, groups_of, samples_in
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ def train(cfg: RFTConfig, model=None, tokenizer=None, data=None) -> Path:
     round_steps = [s * (1 + cfg.policy_steps) for s in reward_steps]
     for ctx in rounds.each_round(run, plan, round_steps, state):
         r, t0 = ctx.index, time.time()
-        rows = rounds.sample_round(run, r, ctx.round.section, cfg.seed, ctx.pi_t, annotate=reference_logprobs(run, pi_ref))
+        rows = rounds.sample_round(run, r, ctx.round.section, cfg.seed, ctx.pi_t, annotate=reference_token_logprobs(run, pi_ref))
         groups = groups_of(rows, run.examples)
         t1 = time.time()
 

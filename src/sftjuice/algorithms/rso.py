@@ -146,7 +146,7 @@ def pair_up(accepted: list[int], rewards: list[float], rng: random.Random) -> li
 # ---------------------------------------------------------------------- one prompt
 
 
-def choose(candidates: list[list[int]], rewards: list[float], rejection_beta: float, num_accepted: int,
+def accept_and_pair(candidates: list[list[int]], rewards: list[float], rejection_beta: float, num_accepted: int,
            rng: random.Random) -> dict:
     """Steps 2 and 3 for one prompt's candidates (token ids) and their rewards: copies of a
     response take its first copy's reward, ``accept`` keeps up to M distinct responses and
@@ -160,7 +160,7 @@ def choose(candidates: list[list[int]], rewards: list[float], rejection_beta: fl
 
 def candidate_pairs(run: Run, cfg: RSOConfig, r: int, reward_model, base):
     """``annotate`` for :func:`rounds.sample_round`: each prompt's candidates scored, accepted
-    and paired (:func:`choose`). ``reward_model`` scores in full precision (a judge); with
+    and paired (:func:`accept_and_pair`). ``reward_model`` scores in full precision (a judge); with
     ``base`` (the implicit reward) log pi_base is taken in the run's precision, that of the
     sampler's log pi_SFT."""
     per_batch = max(1, cfg.generation_batch_size // cfg.num_samples)  # prompts a pass, as the sampler
@@ -176,7 +176,7 @@ def candidate_pairs(run: Run, cfg: RSOConfig, r: int, reward_model, base):
                 by_base = token_logprobs_of(base, run.tokenizer.pad_token_id, prompts, candidates, per_batch)
             rewards = [[implicit(s.token_ids, s.logprobs, b, s.finished) for s, b in zip(ss, bs)]
                        for ss, bs in zip(samples, by_base)]
-        return [choose(c, rw, cfg.rejection_beta, cfg.num_accepted, random.Random(derive_seed(cfg.seed, "accept", r, e.index)))
+        return [accept_and_pair(c, rw, cfg.rejection_beta, cfg.num_accepted, random.Random(derive_seed(cfg.seed, "accept", r, e.index)))
                 for e, c, rw in zip(examples, candidates, rewards)]
 
     return annotate
@@ -195,7 +195,7 @@ class Pairs:
         return len(self.example.prompt_ids) + max((len(c.token_ids) for p in self.pairs for c in p), default=0)
 
 
-def pairs_in(items: list[Pairs]) -> int:
+def accepted_pairs_in(items: list[Pairs]) -> int:
     """The count the loss is normalised by."""
     return sum(len(g.pairs) for g in items)
 
@@ -257,7 +257,7 @@ TRAIN_SUMS = ("loss", "margin", "margin_positive")
 
 def tally(sums: dict, items: list[Pairs], stats: dict) -> dict:
     """A step's loss and margins, weighted by its pairs, added to the round's sums."""
-    n = pairs_in(items)
+    n = accepted_pairs_in(items)
     return {**sums, "pairs": sums.get("pairs", 0) + n, **{k: sums.get(k, 0) + stats[k] * n for k in TRAIN_SUMS}}
 
 
@@ -304,8 +304,8 @@ def train(cfg: RSOConfig, model=None, tokenizer=None, data=None) -> Path:
         t1 = time.time()
         items = pairs_of(rows, run.examples)
         # a global batch without a pair takes no step (every prompt of it drew one response)
-        rounds.train_steps(ctx, policy, items, rounds.passes(run, len(items), r, cfg.passes), micro_loss, pairs_in,
-                           extra=lambda batch: {"pairs": pairs_in([items[i] for i in batch])}, tally=tally, skip_empty=True)
+        rounds.train_steps(ctx, policy, items, rounds.passes(run, len(items), r, cfg.passes), micro_loss, accepted_pairs_in,
+                           extra=lambda batch: {"pairs": accepted_pairs_in([items[i] for i in batch])}, tally=tally, skip_empty=True)
         run.log_metrics({
             "step": ctx.end, "event": "round", "round": r, **rounds.sample_stats(rows), **selection_stats(rows, cfg.rejection_beta),
             **train_stats(ctx.sums), "generation_seconds": round(t1 - t0, 2), "train_seconds": round(time.time() - t1, 2),

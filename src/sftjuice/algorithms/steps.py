@@ -183,7 +183,7 @@ def score_of(verifier, prompt: str, answer: str, text: str, finished: bool) -> f
     return float(verifier(prompt, text, answer)) if finished else 0.0
 
 
-def choose(texts: list[str], scores: list[float], max_positives: int, max_negatives: int) -> tuple[list[int], list[int]]:
+def split_verified(texts: list[str], scores: list[float], max_positives: int, max_negatives: int) -> tuple[list[int], list[int]]:
     """Indices of a prompt's positives (verified, distinct texts, at most ``max_positives``)
     and negatives (not verified, with at least one non-blank step, at most ``max_negatives``)."""
     positives, negatives, seen = [], [], set()
@@ -205,7 +205,7 @@ def verdicts(run: Run, cfg, verifier, answers: list[str]):
             prompt, answer = user_prompt(run.demos[e.index].prompt), answers[e.index]
             texts = [run.chat.decode(s.token_ids) for s in ss]
             scores = [score_of(verifier, prompt, answer, t, s.finished) for t, s in zip(texts, ss)]
-            positives, negatives = choose(texts, scores, cfg.max_positives, getattr(cfg, "max_negatives", 0))
+            positives, negatives = split_verified(texts, scores, cfg.max_positives, getattr(cfg, "max_negatives", 0))
             rows.append({"answer": answer, "scores": scores, "positives": positives, "negatives": negatives})
         return rows
 
@@ -274,7 +274,7 @@ def ragged_sequence_logprobs(model, pad_id: int, prompts: list[list[int]], group
     return [lps[: len(g)] for lps, g in zip(sequence_logprobs_of(model, pad_id, prompts, padded), groups)] if width else []
 
 
-def reference_logprobs(run: Run, model, examples: list[Example], rows: list[dict]) -> None:
+def pair_reference_logprobs(run: Run, model, examples: list[Example], rows: list[dict]) -> None:
     """log pi_SFT of both sides of every pair, each prompt computed once: DPO's reference."""
     with run.accelerator.autocast():  # the precision the policy trains in
         logps = ragged_sequence_logprobs(model, run.tokenizer.pad_token_id, [e.prompt_ids for e in examples],
@@ -297,7 +297,7 @@ def steps_annotate(run: Run, cfg, verifier, answers: list[str], pi_sft, r: int, 
             if cfg.credit == "step":
                 find_pits(run, cfg, verifier, sft_model, r, examples, samples, rows)
             timing["rollout_seconds"] = round(time.time() - t0, 2)
-            reference_logprobs(run, sft_model, examples, rows)
+            pair_reference_logprobs(run, sft_model, examples, rows)
         return rows
 
     return annotate
@@ -338,7 +338,7 @@ def positive_groups(rows: list[dict], examples: list[Example]) -> list[PositiveG
             for row in rows if row["positives"]]
 
 
-def pairs_in(groups: list[PairGroup]) -> int:
+def step_pairs_in(groups: list[PairGroup]) -> int:
     return sum(len(g.chosen) for g in groups)
 
 
@@ -426,7 +426,7 @@ def _train(cfg: VerifiedConfig, model=None, tokenizer=None, data=None) -> Path:
     policy = run.learner(run.policy_model, cfg.learning_rate, sum(round_steps))
     pi_sft = references.starting_policy(run) if pairs else None  # made before any step
     state = run.resume()
-    micro_loss, weight = (dpo_micro_loss(policy, cfg.beta, cfg.sft_weight), pairs_in) if pairs else (positive_micro_loss(policy), positive_tokens)
+    micro_loss, weight = (dpo_micro_loss(policy, cfg.beta, cfg.sft_weight), step_pairs_in) if pairs else (positive_micro_loss(policy), positive_tokens)
     for ctx in rounds.each_round(run, plan, round_steps, state):
         r, t0 = ctx.index, time.time()
         timing = {"rollout_seconds": 0.0} if pairs else {}  # stays 0 when the round's file is read back
