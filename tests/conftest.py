@@ -187,3 +187,13 @@ def resume(args: list, out: Path, env: dict | None = None) -> None:
     written = round_files(out)
     run_cli(*args, "--output", out, "--resume", env=env)
     assert {f: t for f, t in round_files(out).items() if f in written} == written, "the resumed run resampled"
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The stop-signal campaign's totals (test_reliability.py), when its tests ran."""
+    import sys
+
+    module = sys.modules.get(f"{__package__}.test_reliability") if __package__ else None
+    line = module.campaign_summary() if module else None
+    if line:
+        terminalreporter.write_line(line)

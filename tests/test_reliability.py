@@ -258,6 +258,18 @@ PREEMPT = {  # methods with --save-every 0: a stop checkpoints mid-epoch / mid-r
             "--max-new-tokens", "8", "--lr-scheduler", "constant"],
 }
 CAMPAIGN: dict[str, tuple[int, int]] = {}  # method -> (stops with a checkpoint, stops with nothing to save)
+
+
+def campaign_summary() -> str | None:
+    """e.g. ``stop signals: 15 stops (12 saved a checkpoint within one step, 3 had nothing to
+    save), 5 of 5 resumed runs identical``: printed after the session by conftest's
+    pytest_terminal_summary for the stop tests that ran (each asserts its own stops)."""
+    if not CAMPAIGN:
+        return None
+    saved, nothing = sum(a for a, _ in CAMPAIGN.values()), sum(b for _, b in CAMPAIGN.values())
+    return (f"stop signals: {saved + nothing} stops ({saved} saved a checkpoint within one step (RFT: or after its "
+            f"reward pass), {nothing} had nothing to save), {len(CAMPAIGN)} of {len(CAMPAIGN)} resumed runs identical "
+            f"({', '.join(CAMPAIGN)})")
 STOPS = 4
 
 
@@ -358,19 +370,6 @@ def test_stop_signals_at_random_moments_then_resume_ends_identical(method, tiny_
         assert (out / f.relative_to(tmp_path / "straight")).read_text() == f.read_text(), f
     assert untimed(read_metrics(out)) == untimed(read_metrics(tmp_path / "straight"))
     CAMPAIGN[method] = (saved, stops - saved)
-
-
-@pytest.mark.slow
-def test_campaign_summary(capsys):
-    """Prints e.g. ``stop signals: 15 stops (12 saved a checkpoint within one step, 3 had nothing
-    to save), 5 of 5 resumed runs identical`` for the stop tests that ran in this session."""
-    if not CAMPAIGN:
-        pytest.skip("no stop test ran")
-    saved, nothing = sum(a for a, _ in CAMPAIGN.values()), sum(b for _, b in CAMPAIGN.values())
-    with capsys.disabled():
-        print(f"\nstop signals: {saved + nothing} stops ({saved} saved a checkpoint within one step (RFT: or after its "
-              f"reward pass), {nothing} had "
-              f"nothing to save), {len(CAMPAIGN)} of {len(CAMPAIGN)} resumed runs identical ({', '.join(CAMPAIGN)})")
 
 
 @pytest.mark.slow
