@@ -26,7 +26,8 @@ Contenders:
   train   TRL DPOTrainer (precompute_ref_log_probs, batch 8) against sftjuice's IRFT pass with
           references known; tokens/s counts the real (non-pad) tokens of both sides. TRL runs
           without gradient checkpointing in the chosen precision (and, in the full run, in the
-          other one and with its CPU defaults: bf16 autocast + gradient checkpointing).
+          other one and with its CPU defaults: bf16 autocast + gradient checkpointing). Ours
+          runs twice: padded micro-batches (the default) and packed into one row (--pack).
   gen     plain model.generate against sftjuice's sampler, temperature 1, both at sftjuice's
           default decode batch (GEN_BATCH).
   decode  in one process, on the same prompts: sftjuice's sampler against a bare decode loop
@@ -247,11 +248,11 @@ def start(args, pairs, name: str, **overrides):
     return start_run(cfg)
 
 
-def ours_train(args, pairs) -> dict:
+def ours_train(args, pairs, pack: bool = False) -> dict:
     from sftjuice.algorithms.irft import pair_micro_loss
     from sftjuice.algorithms.rounds import samples_in
 
-    run = start(args, pairs, f"ours-train-{args.precision}")
+    run = start(args, pairs, f"ours-train-{args.precision}{'-packed' * pack}", pack=pack)
     learner = run.learner(run.policy_model, run.cfg.learning_rate, args.train_steps)
     items = our_pairs(run, pairs)
     loss = pair_micro_loss(learner, run.cfg)
@@ -268,7 +269,7 @@ def ours_train(args, pairs) -> dict:
     seconds = time.time() - t0
     return {"tokens_per_s": tokens / seconds, "flops_per_s": flops / seconds, "train_seconds": seconds,
             "peak_rss_gb": peak_rss_gb(), "steps": args.train_steps, "bf16": run.cfg.bf16, "load": [load0, load_now()],
-            "precision": "bf16 autocast" if run.cfg.bf16 else "fp32", "shape": asdict(shape)}
+            "precision": "bf16 autocast" if run.cfg.bf16 else "fp32", "shape": asdict(shape), "packed": pack}
 
 
 def prompts_of(tok, pairs) -> list[list[int]]:
@@ -590,7 +591,8 @@ def shape_rates(args, pairs) -> dict:
 
 CONTENDERS = {"trl-default": lambda a, p: trl_train(a, p, "default"), "trl-fp32": lambda a, p: trl_train(a, p, "fp32"),
               "trl-bf16": lambda a, p: trl_train(a, p, "bf16"),
-              "ours-train": ours_train, "plain-generate": plain_generate, "ours-generate": ours_generate, "vllm-generate": vllm_generate,
+              "ours-train": ours_train, "ours-train-packed": lambda a, p: ours_train(a, p, pack=True),
+              "plain-generate": plain_generate, "ours-generate": ours_generate, "vllm-generate": vllm_generate,
               "decode": decode, "profile": profile, "ours-round": ours_round, "composed-round": composed_round,
               "ceiling": matmul_ceiling, "shapes": shape_rates}
 
@@ -652,6 +654,7 @@ def main() -> None:
     r = {"ceiling-start": run_contender("ceiling", args)}
     r["shapes"] = run_contender("shapes", args)
     r["ours-train"] = run_contender("ours-train", args)
+    r["ours-train-packed"] = run_contender("ours-train-packed", args)
     r[f"trl-{args.precision}"] = run_contender(f"trl-{args.precision}", args)
     r["ours-generate"] = run_contender("ours-generate", args, pairs=max(args.pairs, GEN_BATCH))
     r["plain-generate"] = run_contender("plain-generate", args, pairs=max(args.pairs, GEN_BATCH))
@@ -705,7 +708,7 @@ def report(args, r: dict, curve: list[dict]) -> None:
     ours_trains = [v for k, v in r.items() if k.startswith("ours-train")]
     rows = [
         *({"what": "train: sftjuice IRFT pass", "rate": f"{x['tokens_per_s']:.0f} tok/s", "of ceiling": f"{of_ceiling(x):.2f}",
-           "peak RSS GB": f"{x['peak_rss_gb']:.2f}", "load": load(x), "note": f"{precision(x)}; {x['steps']} steps of 8 pairs"}
+           "peak RSS GB": f"{x['peak_rss_gb']:.2f}", "load": load(x), "note": f"{precision(x)}; {x['steps']} steps of 8 pairs{'; --pack' if x.get('packed') else ''}"}
           for x in ours_trains),
         *({"what": "train: TRL DPOTrainer", "rate": f"{x['tokens_per_s']:.0f} tok/s", "of ceiling": f"{of_ceiling(x):.2f}",
            "peak RSS GB": f"{x['peak_rss_gb']:.2f}", "load": load(x),

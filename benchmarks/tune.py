@@ -22,7 +22,6 @@ import time
 from importlib.resources import files
 from pathlib import Path
 
-from sftjuice import train
 from sftjuice.config import METHOD_CONFIGS
 from sftjuice.data import load_demonstrations
 from sftjuice.demo import DemoConfig, run_stages

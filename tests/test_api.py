@@ -93,7 +93,8 @@ BEFORE_RENAMES = json.loads((REPO / "tests/data/method_defaults_before_issue24.j
 NEW_NAMES = {"rft": {"beta": "kl_coef"}, "rso": {"beta": "rejection_beta", "gamma": "beta"}}
 
 
-ADDED_SINCE = {"reward_tokens": "all"}  # srppo, rso: the implicit reward over every token, as before
+ADDED_SINCE = {"reward_tokens": "all",  # srppo, rso: the implicit reward over every token, as before
+               "pack": False}  # every method: the padded layout, as before
 
 
 @pytest.mark.parametrize("method", sorted(BEFORE_RENAMES))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sftjuice.data import collate, collate_shared
+from sftjuice.data import collate, collate_packed, collate_shared
 from sftjuice.losses import token_logprobs
 from sftjuice.scoring import completion_logprobs, shared_logprobs, shared_rewards, token_logprobs_of
 
@@ -46,6 +46,39 @@ def test_shared_prompt_forward_matches_separate_sequences(tokenizer):
     g_sh = grads(model, (shared.sum(-1) * weights).sum())
     for a, b in zip(g_sep, g_sh):
         torch.testing.assert_close(b, a, rtol=1e-3, atol=5e-5)  # fp32 sums in another order
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_row_matches_the_padded_layouts_in_logprobs_and_gradients(tokenizer, attention):
+    """--pack: one padding-free row with a block mask gives the padded layouts' log-probs and
+    gradients, for one completion per prompt (SFT) and for two sharing their prompt (pairs)."""
+    model = build_tiny_model(tokenizer, seed=3, attn_implementation=attention)
+    pad = tokenizer.pad_token_id
+    one_each = [PROMPTS[0], PROMPTS[0], PROMPTS[1], PROMPTS[1]]
+    weights = torch.tensor([1.0, -2.0, 0.5, 3.0])  # an arbitrary loss of all four
+    for padded, packed in [(completion_logprobs(model, collate(one_each, COMPLETIONS, pad)),
+                            completion_logprobs(model, collate_packed(one_each, COMPLETIONS, pad))),
+                           (shared_logprobs(model, collate_shared(PROMPTS, COMPLETIONS, pad)),
+                            shared_logprobs(model, collate_packed(PROMPTS, COMPLETIONS, pad)))]:
+        torch.testing.assert_close(packed, padded, rtol=0, atol=1e-5)
+        assert (packed[~collate_shared(PROMPTS, COMPLETIONS, pad)["completion_mask"]] == 0).all()
+        for a, b in zip(grads(model, (padded.sum(-1) * weights).sum()), grads(model, (packed.sum(-1) * weights).sum())):
+            torch.testing.assert_close(b, a, rtol=1e-3, atol=5e-5)  # fp32 sums in another order
+
+
+def test_packed_row_keeps_sequences_apart(tokenizer):
+    """Changing one sequence's tokens changes no other sequence's log-probs in the packed row
+    (attention never crosses a prompt, nor from one completion to its sibling)."""
+    model = build_tiny_model(tokenizer, seed=3)
+    pad = tokenizer.pad_token_id
+    before = shared_logprobs(model, collate_packed(PROMPTS, COMPLETIONS, pad))
+    changed = [list(c) for c in COMPLETIONS]
+    changed[0][0] = 99  # the first prompt's first completion
+    after = shared_logprobs(model, collate_packed([[1, 5, 6, 7, 8, 9, 10], [1, 11, 12]], changed, pad))
+    assert not torch.allclose(after[0], before[0])
+    torch.testing.assert_close(after[1:], before[1:], rtol=0, atol=0)
+    other_prompt = shared_logprobs(model, collate_packed([PROMPTS[0], [1, 13, 12]], COMPLETIONS, pad))
+    torch.testing.assert_close(other_prompt[:2], before[:2], rtol=0, atol=0)
 
 
 def test_grouped_logprobs_match_one_sequence_at_a_time(tokenizer):
@@ -126,6 +159,24 @@ def test_bf16_autocast_training_tracks_fp32_over_several_steps(tiny_model_dir, d
     assert len(fp32) == 6 and fp32[-1] < fp32[0] - 0.1  # it is learning
     for a, b in zip(fp32, bf16):
         assert b == pytest.approx(a, rel=5e-3)
+
+
+@pytest.mark.parametrize("method", ["sft", "irft"])
+def test_packed_training_follows_the_padded_run(tiny_model_dir, demo_file, tmp_path, method):
+    """--pack changes the layout, not the training: every step's loss and gradient norm match
+    the padded run's (fp32 sums in another order)."""
+    args = ["train", "--method", method, "--model", tiny_model_dir, "--data", demo_file, "--per-device-batch-size", "4",
+            "--learning-rate", "1e-3", "--lr-scheduler", "constant", "--seed", "1"]
+    run_cli(*args, "--output", tmp_path / "padded")
+    run_cli(*args, "--output", tmp_path / "packed", "--pack")
+    padded, packed = read_metrics(tmp_path / "padded"), read_metrics(tmp_path / "packed")
+    steps = [m for m in padded if "grad_norm" in m]
+    assert len(steps) >= 6 and steps[-1]["loss"] != pytest.approx(steps[0]["loss"], rel=1e-2)  # it moved
+    assert len(packed) == len(padded)
+    for a, b in zip(padded, packed):
+        for key in ("loss", "grad_norm"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=2e-4, abs=1e-6), (key, a)
 
 
 def test_shared_prompt_rewards_match_separate_sequences(tiny_model_dir, tokenizer):

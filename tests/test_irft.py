@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sftjuice.config import IRFTConfig, ModelConfig, SamplingConfig, SftjuiceError
+from sftjuice.config import IRFTConfig, ModelConfig, SamplingConfig
 from sftjuice.data import ChatFormat, collate
 from sftjuice.generation import sample
 from sftjuice.losses import irl_pair_loss, margin_loss

@@ -115,7 +115,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_model_dir, demo
     common = ["train", "--model", tiny_model_dir, "--data", demo_file, *TRAIN, "--per-device-batch-size", "2"]
     run_cli(*common, "--output", tmp_path / "one", "--gradient-accumulation-steps", "2")
     accelerate = Path(sys.executable).parent / "accelerate"
-    run_cli(*common, "--output", tmp_path / "two",
+    run_cli(*common, "--output", tmp_path / "two", "--pack",  # packed under DDP: still the padded run's numbers
             # accelerate 1.15: "--cpu" with several processes needs mpirun and silently starts one;
             # "--multi_gpu" on a machine without GPUs starts real processes over gloo (MULTI_CPU)
             launcher=[str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
@@ -187,7 +187,7 @@ def wandb_records(path: Path) -> list[bytes]:
 def test_report_to_wandb_offline_logs_the_numbers_of_metrics_jsonl(tiny_model_dir, demo_file, tmp_path):
     """W&B in offline mode (no account, no network): the history in the run's .wandb file
     holds metrics.jsonl's losses at their steps."""
-    wandb = pytest.importorskip("wandb")
+    pytest.importorskip("wandb")
     from wandb.proto.wandb_internal_pb2 import Record
 
     out = tmp_path / "o"

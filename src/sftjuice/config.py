@@ -156,6 +156,8 @@ class TrainConfig(ModelConfig, DataConfig):
     max_grad_norm: float = option(1.0, "gradient clipping norm (0 = off)", ge=0)
     per_device_batch_size: int = option(8, "prompts per process per micro-batch, each with what the method generates for it", ge=1)
     gradient_accumulation_steps: int = option(1, "micro-batches per optimiser step", ge=1)
+    pack: bool = option(False, "train on each micro-batch packed into one padding-free row (a block mask keeps its "
+                        "sequences apart; each prompt computed once): the same loss and gradients as the padded layout")
     save_every: int = option(0, "checkpoint every N optimiser steps (0 = at the end of each epoch/round only)", ge=0)
     keep_checkpoints: int = option(1, "how many checkpoints to keep", ge=1)
     resume: bool = option(False, "continue the run in --output from its last checkpoint")

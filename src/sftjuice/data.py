@@ -484,18 +484,66 @@ def collate_shared(prompts: list[list[int]], completions: list[list[int]], pad_i
     right-padded ``[B*k, C]``."""
     prompt = collate(prompts, [[]] * len(prompts), pad_id)
     P = prompt["input_ids"].shape[1] - 1  # collate leaves one completion column
+    return {
+        "prompt_ids": prompt["input_ids"][:, :P],
+        "prompt_mask": prompt["attention_mask"][:, :P],
+        "prompt_positions": prompt["position_ids"][:, :P],
+        **right_padded(completions, pad_id),
+    }
+
+
+def right_padded(completions: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """``completion_ids`` ``[B, C]`` (right-padded) and its ``completion_mask``."""
     C = max(max(len(c) for c in completions), 1)
     completion_ids = torch.full((len(completions), C), pad_id, dtype=torch.long)
     completion_mask = torch.zeros((len(completions), C), dtype=torch.bool)
     for i, c in enumerate(completions):
         completion_ids[i, : len(c)] = torch.tensor(c, dtype=torch.long)
         completion_mask[i, : len(c)] = True
+    return {"completion_ids": completion_ids, "completion_mask": completion_mask}
+
+
+def collate_packed(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """The same work as :func:`collate_shared` (``k`` completions per prompt; ``k = 1`` is
+    :func:`collate`'s) in one row with no padding: each prompt once, then its completions.
+
+    A block mask lets each completion attend to its prompt and to its own earlier tokens only,
+    and its positions continue from its prompt's end, so every completion sees what it sees
+    alone. ``logit_rows`` are the row's positions whose logits predict the completion tokens,
+    in the order of ``completion_ids[completion_mask]`` (``[B*k, C]``, right-padded as in
+    :func:`collate_shared`, so the losses read both layouts alike). Every matmul of the pass
+    then sees all the micro-batch's real tokens as rows, and none of its padding."""
+    k = len(completions) // len(prompts)
+    ids: list[int] = []
+    positions: list[int] = []
+    group: list[int] = []  # the prompt each token belongs to
+    owner: list[int] = []  # the completion each token belongs to (-1: the prompt, seen by all of its completions)
+    logit_rows: list[int] = []
+    for i, p in enumerate(prompts):
+        ids += p
+        positions += range(len(p))
+        group += [i] * len(p)
+        owner += [-1] * len(p)
+        prompt_end = len(ids) - 1  # its logits predict each completion's first token
+        for j in range(i * k, (i + 1) * k):
+            c = completions[j]
+            if c:
+                logit_rows += [prompt_end, *range(len(ids), len(ids) + len(c) - 1)]
+            ids += c
+            positions += range(len(p), len(p) + len(c))
+            group += [i] * len(c)
+            owner += [j] * len(c)
+    group_t, owner_t = torch.tensor(group), torch.tensor(owner)
+    T = len(ids)
+    sees = ((group_t[:, None] == group_t[None, :])
+            & ((owner_t[None, :] == -1) | (owner_t[None, :] == owner_t[:, None]))
+            & torch.ones(T, T, dtype=torch.bool).tril())
     return {
-        "prompt_ids": prompt["input_ids"][:, :P],
-        "prompt_mask": prompt["attention_mask"][:, :P],
-        "prompt_positions": prompt["position_ids"][:, :P],
-        "completion_ids": completion_ids,
-        "completion_mask": completion_mask,
+        "input_ids": torch.tensor([ids], dtype=torch.long),
+        "position_ids": torch.tensor([positions], dtype=torch.long),
+        "attention_mask": sees[None, None],
+        "logit_rows": torch.tensor(logit_rows, dtype=torch.long),
+        **right_padded(completions, pad_id),
     }
 
 

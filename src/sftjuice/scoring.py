@@ -14,15 +14,34 @@ from __future__ import annotations
 
 import torch
 
+from .config import SftjuiceError
 from .data import collate_shared
 from .losses import token_logprobs
 from .models import cache_of, with_cache
 from .progress import bar as progress_bar
 
 
+def packed_logprobs(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-token log-probs ``[B, C]`` of the completions of a :func:`data.collate_packed`
+    batch (0 at padding): one forward pass over the packed row, logits at ``logit_rows`` only."""
+    sees = batch["attention_mask"]
+    attention = getattr(model, "module", model).config._attn_implementation  # (DDP/FSDP wrap the model)
+    if attention not in ("sdpa", "eager"):
+        raise SftjuiceError(f"--pack needs attention 'sdpa' or 'eager' (a block mask); the model uses '{attention}'")
+    if attention == "eager":  # eager adds its mask to the scores
+        sees = torch.zeros(sees.shape, device=sees.device).masked_fill(~sees, torch.finfo(torch.float32).min)
+    out = model(input_ids=batch["input_ids"], attention_mask=sees, position_ids=batch["position_ids"],
+                logits_to_keep=batch["logit_rows"], use_cache=False)
+    mask = batch["completion_mask"]
+    flat = token_logprobs(out.logits[0], batch["completion_ids"][mask])
+    return torch.zeros(mask.shape, dtype=flat.dtype, device=flat.device).masked_scatter(mask, flat)
+
+
 def completion_logprobs(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Per-token log-probs ``[B, C]`` of the completion tokens of a :func:`data.collate`
     batch (0 at padding). Logits are computed for the completion columns only."""
+    if "logit_rows" in batch:
+        return packed_logprobs(model, batch)
     C = batch["completion_ids"].shape[1]
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                 position_ids=batch["position_ids"], logits_to_keep=C + 1, use_cache=False)
@@ -49,6 +68,8 @@ def _shared_forward(model, batch: dict[str, torch.Tensor], **head) -> tuple:
 def shared_logprobs(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Per-token log-probs ``[B*k, C]`` of the completions of a :func:`data.collate_shared`
     batch; the same values as :func:`completion_logprobs` on the ``k`` full sequences."""
+    if "logit_rows" in batch:
+        return packed_logprobs(model, batch)
     C = batch["completion_ids"].shape[1]
     first, rest, k = _shared_forward(model, batch, prompt={"logits_to_keep": 1}, completion={"logits_to_keep": C})
     predicts_first = first.logits[:, -1:].repeat_interleave(k, dim=0)  # each completion's first token

@@ -34,7 +34,7 @@ from accelerate.utils import DistributedType, set_seed
 
 from .config import (SamplingConfig, SftjuiceError, TrainConfig, config_dict, flag, require, save_config,
                      saved_under_new_names)
-from .data import ChatFormat, Demonstration, Example, collate, collate_shared, load_demonstrations
+from .data import ChatFormat, Demonstration, Example, collate, collate_packed, collate_shared, load_demonstrations
 from .progress import bar as progress_bar
 from .models import load_policy, load_tokenizer, resolve_model, save_model, stop_token_ids, use_bf16
 from .stopping import DIVERGED, FOLDER_IN_USE, LOCK, PREEMPTED, RunStopped, install_stop_handlers, lock_output, \
@@ -86,11 +86,12 @@ class Learner:
     """One trained model: prepared with its AdamW optimiser, a schedule over ``total_steps``
     global steps, and the optimiser step that normalises exactly over the global batch."""
 
-    def __init__(self, run: "Run", model: torch.nn.Module, learning_rate: float, total_steps: int, pad_id: int):
+    def __init__(self, run: "Run", model: torch.nn.Module, learning_rate: float, total_steps: int, pad_id: int,
+                 packed: bool):
         from transformers import get_scheduler
 
         cfg, acc = run.cfg, run.accelerator
-        self.run, self.pad_id = run, pad_id
+        self.run, self.pad_id, self.packed = run, pad_id, packed
         params = [p for p in model.parameters() if p.requires_grad]
         # the fused kernel: ~5x faster than foreach on this CPU (0.10 s vs 0.47 s a step for 135M parameters)
         optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=cfg.weight_decay,
@@ -109,10 +110,12 @@ class Learner:
         return self.run.accelerator.unwrap_model(self.model)
 
     def collate(self, prompts: list[list[int]], completions: list[list[int]]) -> dict[str, torch.Tensor]:
-        return self.run.to_device(collate(prompts, completions, self.pad_id))
+        """A micro-batch, one prompt per completion: padded, or packed with ``--pack``."""
+        return self.run.to_device((collate_packed if self.packed else collate)(prompts, completions, self.pad_id))
 
     def collate_shared(self, prompts: list[list[int]], completions: list[list[int]]) -> dict[str, torch.Tensor]:
-        return self.run.to_device(collate_shared(prompts, completions, self.pad_id))
+        """A micro-batch, ``k`` completions per prompt: padded, or packed with ``--pack``."""
+        return self.run.to_device((collate_packed if self.packed else collate_shared)(prompts, completions, self.pad_id))
 
     def step(self, global_batch: list, micro_loss: Callable[[list], tuple[torch.Tensor, dict[str, torch.Tensor]]],
              weight: Callable[[list], float], length: Callable[[object], int] | None = None) -> dict[str, float]:
@@ -236,10 +239,13 @@ class Run:
     def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.accelerator.device) for k, v in batch.items()}
 
-    def learner(self, model, learning_rate: float, total_steps: int, pad_id: int | None = None) -> Learner:
-        """Prepare ``model`` to train; learners are checkpointed in the order they are made."""
+    def learner(self, model, learning_rate: float, total_steps: int, pad_id: int | None = None,
+                packed: bool | None = None) -> Learner:
+        """Prepare ``model`` to train; learners are checkpointed in the order they are made.
+        ``packed`` defaults to ``--pack``."""
         learner = Learner(self, model, learning_rate, total_steps,
-                          self.tokenizer.pad_token_id if pad_id is None else pad_id)
+                          self.tokenizer.pad_token_id if pad_id is None else pad_id,
+                          self.cfg.pack if packed is None else packed)
         self.learners.append(learner)
         return learner
 

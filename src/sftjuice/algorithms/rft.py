@@ -116,8 +116,9 @@ def train(cfg: RFTConfig, model=None, tokenizer=None, data=None) -> Path:
     reward_steps = [rounds.steps_per_pass(run, len(rnd.section)) for rnd in plan]  # one reward pass a round
     policy = run.learner(run.policy_model, cfg.learning_rate, sum(s * cfg.policy_steps for s in reward_steps))
     # prepared after the policy: its state files are model_1, optimizer_1
+    # padded even with --pack: the reward head reads each completion at its last token
     reward = run.learner(references.load_reward(run, cfg), cfg.reward_learning_rate, sum(reward_steps),
-                         pad_id=reward_pad_id(run.tokenizer, run.chat.stop_token_ids))
+                         pad_id=reward_pad_id(run.tokenizer, run.chat.stop_token_ids), packed=False)
     pi_ref = references.starting_policy(run)
     state = run.resume()  # "step" counts reward and policy updates
     reward_loss, policy_loss = reward_micro_loss(reward, cfg), policy_micro_loss(policy, cfg.clip_range)
