@@ -157,7 +157,8 @@ class TrainConfig(ModelConfig, DataConfig):
     per_device_batch_size: int = option(8, "prompts per process per micro-batch, each with what the method generates for it", ge=1)
     gradient_accumulation_steps: int = option(1, "micro-batches per optimiser step", ge=1)
     pack: bool = option(False, "train on each micro-batch packed into one padding-free row (a block mask keeps its "
-                        "sequences apart; each prompt computed once): the same loss and gradients as the padded layout")
+                        "sequences apart; each prompt computed once): the padded layout's loss and gradients up to fp32 rounding "
+                        "(LoRA dropout draws other masks)")
     save_every: int = option(0, "checkpoint every N optimiser steps (0 = at the end of each epoch/round only)", ge=0)
     keep_checkpoints: int = option(1, "how many checkpoints to keep", ge=1)
     resume: bool = option(False, "continue the run in --output from its last checkpoint")
