@@ -583,7 +583,8 @@ def arm_tables(args, task: str) -> tuple[list[dict], list[dict]]:
 
 
 def estimate(args) -> None:
-    """Each planned unit's minutes: measured where it ran, else from the finished units of its task."""
+    """Each planned unit's minutes: measured where it ran, else from the fastest finished unit of
+    its task (the machine alone: another job on these 2 cores slows a unit several times)."""
     done = {(d["task"], d["seed"], d["precision"]): d for d in load_done(args.work, "*/seed*/sft-best-*/done.json")}
     total = 0.0
     print("stage sft-best (each unit: up to %d epochs, validated after each)" % MAX_EPOCHS)
@@ -594,8 +595,9 @@ def estimate(args) -> None:
         else:
             same = [v for k, v in done.items() if k[0] == unit[0]]
             epochs = statistics.fmean(v["stopped_at_epoch"] for v in same) if same else MAX_EPOCHS
-            per_epoch = statistics.fmean((v["train_seconds"] + v["validation_seconds"]) / v["stopped_at_epoch"]
-                                         for v in same) if same else (240 if "multistep" in unit[0] else 120)
+            # the fastest unit's rate: the machine alone (units that shared it ran up to 9x slower)
+            per_epoch = min((v["train_seconds"] + v["validation_seconds"]) / v["stopped_at_epoch"]
+                            for v in same) if same else (240 if "multistep" in unit[0] else 120)
             minutes, how = epochs * per_epoch / 60, "to run, from " + ("measured units" if same else "a guess")
             total += minutes
         print(f"  {unit[0]} seed {unit[1]} {unit[2]}: {minutes:.0f} min ({how})")
@@ -604,8 +606,8 @@ def estimate(args) -> None:
     for task in args.tasks:
         sft = [d for (t, _, p), d in done.items() if t == task and p == "fp32"]
         if sft:
-            sft_epoch = statistics.fmean(d["train_seconds"] / d["stopped_at_epoch"] for d in sft)
-            val_epoch = statistics.fmean(d["validation_seconds"] / d["stopped_at_epoch"] for d in sft)
+            sft_epoch = min(d["train_seconds"] / d["stopped_at_epoch"] for d in sft)  # alone, as above
+            val_epoch = min(d["validation_seconds"] / d["stopped_at_epoch"] for d in sft)
         else:
             sft_epoch, val_epoch = (150, 150) if "multistep" in task else (40, 55)
         finished = load_done(args.work, f"{task}/seed*/arm-*/done.json")
