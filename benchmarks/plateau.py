@@ -48,6 +48,8 @@ MAX_EPOCHS = 12
 PATIENCE = 2
 SFT_LR = 5e-5  # SFTConfig's default, linear decay over MAX_EPOCHS
 ARM_MAX_EPOCHS = 6  # each arm from SFT-best: up to this many passes over the demonstrations, validated after each
+ARM_MIN_EPOCHS = 4  # ... and at least this many: patience counts only from here (see arm_stops)
+ARM_BATCH = 2  # prompts a step for every arm: 64 steps a pass over the 128 demonstrations, 256+ a trial
 
 
 @dataclass(frozen=True)
@@ -64,14 +66,14 @@ class Arm:
 
 # The trials: one learning-rate sweep per arm, the step size lr x (beta for pair losses);
 # the pair methods keep beta 0.1 and the demonstration's NLL term (sft_weight 1, which
-# Pang et al. 2024 found crucial) fixed, a pruning of the issue's 3 x 2 x 2 grid that gives
-# every arm three trials.
-PAIR_LRS = tuple({"learning_rate": lr} for lr in (2e-6, 1e-5, 5e-5))
+# Pang et al. 2024 found crucial) fixed, a pruning of the issue's 3 x 2 x 2 grid. A first pass
+# (8 prompts a step, patience from epoch 0: 32-48 steps a trial, kept in seed0/first-pass/) pruned it
+# further: lr 5e-5 fell 5-15 points below SFT-best for sft, irft and spin, so every arm has two.
+PAIR_LRS = tuple({"learning_rate": lr} for lr in (2e-6, 1e-5))
 ARMS: dict[str, Arm] = {
-    # continued SFT may take as many steps as the costliest arm: rft's 64 a pass (32 reward and 32
-    # policy steps: 4 prompts a step) x 6, where SFT takes 16 a pass
-    "sft": Arm("sft", {}, tuple({"learning_rate": lr} for lr in (5e-6, 2e-5, 5e-5)),
-               max_epochs=4 * ARM_MAX_EPOCHS),
+    # continued SFT may take as many steps as the costliest arm: rft's 128 a pass (64 reward and
+    # 64 policy steps) x 6, where SFT takes 64 a pass
+    "sft": Arm("sft", {}, tuple({"learning_rate": lr} for lr in (5e-6, 2e-5)), max_epochs=4 * ARM_MAX_EPOCHS),
     "irft": Arm("irft", {"rounds": 2, "beta": 0.1, "sft_weight": 1.0}, PAIR_LRS),
     "spin": Arm("spin", {"keep_previous_round": True, "beta": 0.1, "sft_weight": 1.0}, PAIR_LRS, grows="iterations"),
     "rft": Arm("rft", {"rounds": 2}, PAIR_LRS),
@@ -163,6 +165,18 @@ def best_epoch(curve: list[dict]) -> dict:
 
 def patience_spent(curve: list[dict]) -> bool:
     return bool(curve) and curve[-1]["epoch"] - best_epoch(curve)["epoch"] >= PATIENCE
+
+
+def trained_best(curve: list[dict]) -> dict:
+    """An arm's best epoch after at least one (epoch 0, SFT-best itself, is what the arm is judged against)."""
+    return best_epoch([e for e in curve if e["epoch"]])
+
+
+def arm_stops(curve: list[dict], max_epochs: int) -> bool:
+    """An arm trains ARM_MIN_EPOCHS epochs, then on while its validation accuracy improved within
+    PATIENCE epochs, up to max_epochs."""
+    epoch = curve[-1]["epoch"]
+    return epoch >= max_epochs or epoch >= ARM_MIN_EPOCHS and epoch - trained_best(curve)["epoch"] >= PATIENCE
 
 
 # ------------------------------------------------------------------------ stage 1: SFT-best
@@ -269,7 +283,8 @@ def arm_config(work: Path, task: str, seed: int, name: str, settings: dict, epoc
     has = {f.name for f in dataclasses.fields(cls)}
     spec = task_spec(task)
     options = {"max_new_tokens": spec.max_new_tokens, "verifier": spec.verifier,
-               "eval_data": str(task_data(work, task)[0]), "eval_size": 16, "lr_scheduler": "constant"}
+               "eval_data": str(task_data(work, task)[0]), "eval_size": 16, "lr_scheduler": "constant",
+               "per_device_batch_size": ARM_BATCH}
     options = {k: v for k, v in options.items() if k in has}
     start = work / task / f"seed{seed}" / "sft-best-fp32" / "best"
     return cls(model=str(start), data=str(train_file(work, task, seed)), output=str(output), seed=seed, resume=True,
@@ -277,11 +292,12 @@ def arm_config(work: Path, task: str, seed: int, name: str, settings: dict, epoc
 
 
 def run_arm(work: Path, task: str, seed: int, name: str, trial: int, epochs: int | None = None) -> dict:
-    """One trial of an arm on one seed from SFT-best. Tuning (``epochs`` None): epoch by epoch
-    (epoch 0 is SFT-best itself, so "no extra epoch" can win), validated after each, patience
-    2; ``best/`` is the best epoch's model. The other seeds (``epochs``: seed 0's best count
-    for the chosen trial, the same rule for every arm) train that many epochs and are not
-    validated: the validation decoding was most of a trial's time. Resumable: an epoch
+    """One trial of an arm on one seed from SFT-best. Tuning (``epochs`` None): epoch by epoch,
+    validated after each, until ``arm_stops``; ``best/`` is the best trained epoch's model (epoch
+    0, SFT-best itself, is recorded too: the first pass let it win, and every arm then stopped
+    after 2 epochs with nothing to compare on test). The other seeds (``epochs``: seed 0's best
+    trained epoch for the chosen trial, the same rule for every arm) train that many epochs and
+    are not validated: the validation decoding was most of a trial's time. Resumable: an epoch
     resumes inside its run; curve.json grows by epoch."""
     from sftjuice.api import train
     from sftjuice.storage import atomic_write_text
@@ -297,8 +313,7 @@ def run_arm(work: Path, task: str, seed: int, name: str, trial: int, epochs: int
         {"epoch": 0, "step": 0, "accuracy": start["validation_accuracy"], "nll": start["validation_nll"],
          "train_seconds": 0.0, "seconds": 0.0}]
     validate = validator(work, task) if epochs is None else None
-    while (not patience_spent(curve) and curve[-1]["epoch"] < ARMS[name].max_epochs if epochs is None
-           else curve[-1]["epoch"] < epochs):
+    while not arm_stops(curve, ARMS[name].max_epochs) if epochs is None else curve[-1]["epoch"] < epochs:
         epoch = curve[-1]["epoch"] + 1 if epochs is None else epochs
         t0 = time.time()
         final = train(arm_config(work, task, seed, name, settings, epoch, run_dir))
@@ -308,23 +323,24 @@ def run_arm(work: Path, task: str, seed: int, name: str, trial: int, epochs: int
                     default=0)
         curve.append({"epoch": epoch, "step": steps, "accuracy": result["accuracy"], "nll": result["nll"],
                       "train_seconds": round(seconds, 1), "seconds": result["seconds"]})
-        if validate is None or best_epoch(curve)["epoch"] == epoch:
+        if validate is None or trained_best(curve)["epoch"] == epoch:
             tmp = unit / ".best.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.copytree(final, tmp)
             shutil.rmtree(unit / "best", ignore_errors=True)
             os.replace(tmp, unit / "best")
         atomic_write_text(curve_file, json.dumps(curve, indent=1))
-        logging.info("%s seed %d %s trial %d epoch %d: validation accuracy %.1f%%, NLL/token %.4f (%d steps)",
-                     task, seed, name, trial, epoch, 100 * result["accuracy"], result["nll"], steps)
-    best = best_epoch(curve) if epochs is None else curve[-1]
+        logging.info("%s seed %d %s trial %d epoch %d (%d steps): %s", task, seed, name, trial, epoch, steps,
+                     f"validation accuracy {result['accuracy']:.1%}, NLL/token {result['nll']:.4f}" if validate else "trained")
+    best = trained_best(curve) if epochs is None else curve[-1]
     rounds_seen = round_records(run_dir)
     result = {"task": task, "seed": seed, "arm": name, "method": ARMS[name].method, "trial": trial,
               "settings": {**ARMS[name].fixed, **settings}, "best_epoch": best["epoch"], "best_step": best["step"],
               "validation_accuracy": best["accuracy"], "validation_nll": best["nll"], "curve": curve,
+              "validation_keeps_start": epochs is None and best_epoch(curve)["epoch"] == 0,
               "steps": curve[-1]["step"], "train_seconds": round(sum(e["train_seconds"] for e in curve), 1),
               "validation_seconds": round(sum(e["seconds"] for e in curve), 1),
-              "model": str(unit / "best") if best["epoch"] else str(work / task / f"seed{seed}" / "sft-best-fp32" / "best"),
+              "model": str(unit / "best"),
               "rounds": [{k: r[k] for k in ("round", "step", "pairs", "identical_pairs", "heldout_margin", "accuracy",
                                             "acceptance_rate", "loss", "margin") if k in r} for r in rounds_seen],
               "load_average": os.getloadavg()}
@@ -335,7 +351,8 @@ def run_arm(work: Path, task: str, seed: int, name: str, trial: int, epochs: int
 
 
 def chosen_trial(work: Path, task: str, name: str) -> int | None:
-    """The trial with the best validation accuracy on seed 0 (ties: the earlier trial), once every trial ran."""
+    """The trial whose best trained epoch has the best validation accuracy on seed 0 (ties: the
+    earlier trial), once every trial ran."""
     done = [work / task / "seed0" / f"arm-{name}-t{t}" / "done.json" for t in range(len(ARMS[name].trials))]
     if not all(p.exists() for p in done):
         return None
@@ -343,20 +360,31 @@ def chosen_trial(work: Path, task: str, name: str) -> int | None:
     return max(range(len(scores)), key=lambda t: (scores[t], -t))
 
 
-def test_eval(work: Path, task: str, seed: int, name: str, trial: int) -> dict:
-    """The arm's best model (on validation) judged once on the held-out test prompts."""
+START = "sft-best"  # the starting model, judged on test beside the arms
+
+
+def unit_of(work: Path, task: str, seed: int, name: str) -> Path | None:
+    """Where an arm's chosen trial (or START) ran on a seed; None before the trial is chosen."""
+    if name == START:
+        return work / task / f"seed{seed}" / "sft-best-fp32"
+    chosen = chosen_trial(work, task, name)
+    return None if chosen is None else work / task / f"seed{seed}" / f"arm-{name}-t{chosen}"
+
+
+def test_eval(work: Path, task: str, seed: int, name: str) -> dict:
+    """The arm's best trained model on validation (or SFT-best) judged once on the held-out test prompts."""
     from sftjuice.data import load_demonstrations
     from sftjuice.demo import task_spec
     from sftjuice.evaluation import evaluate_model
     from sftjuice.storage import atomic_write_text
 
-    unit = work / task / f"seed{seed}" / f"arm-{name}-t{trial}"
+    unit = unit_of(work, task, seed, name)
     path = unit / "test.json"
     if not path.exists():
-        done = json.loads((unit / "done.json").read_text())
+        model = unit / "best" if name == START else json.loads((unit / "done.json").read_text())["model"]
         spec = task_spec(task)
         t0 = time.time()
-        ev = evaluate_model(done["model"], load_demonstrations(task_data(work, task)[1]), spec.max_new_tokens, spec.verifier)
+        ev = evaluate_model(model, load_demonstrations(task_data(work, task)[1]), spec.max_new_tokens, spec.verifier)
         atomic_write_text(path, json.dumps({"correct": ev["correct"], "accuracy": ev["accuracy"]["mean"],
                                             "answer_logprob": ev["answer_logprob"]["mean"], "seconds": time.time() - t0}))
     return json.loads(path.read_text())
@@ -367,10 +395,11 @@ def arms_of(args, task: str) -> list[str]:
 
 
 def arm_units(task: str, arms: list[str], seeds: int) -> list[tuple[str, int, str, int | None]]:
-    """("tune", 0, arm, trial) for every trial on seed 0, then ("arm", seed, arm, None) per seed for
-    the chosen trial (seed 0's is its tuning run) with its test evaluation."""
+    """("tune", 0, arm, trial) for every trial on seed 0, then per seed SFT-best's test evaluation
+    ("start", seed, START, None) and ("arm", seed, arm, None) for every arm's chosen trial (seed
+    0's is its tuning run) with its test evaluation."""
     units = [("tune", 0, a, t) for a in arms for t in range(len(ARMS[a].trials))]
-    return units + [("arm", s, a, None) for s in range(seeds) for a in arms]
+    return units + [u for s in range(seeds) for u in [("start", s, START, None)] + [("arm", s, a, None) for a in arms]]
 
 
 def run_arms(args, task: str) -> None:
@@ -386,12 +415,16 @@ def run_arms(args, task: str) -> None:
             print(f"== tune {task} {name} trial {trial} {ARMS[name].trials[trial]}", flush=True)
             run_arm(args.work, task, 0, name, trial)
             continue
+        if kind == "start":
+            print(f"== test {task} SFT-best seed {seed}", flush=True)
+            test_eval(args.work, task, seed, START)
+            continue
         chosen = chosen_trial(args.work, task, name)
         epochs = None if seed == 0 else json.loads((args.work / task / "seed0" / f"arm-{name}-t{chosen}" / "done.json")
-                                                   .read_text())["best_epoch"]
+                                                   .read_text())["best_epoch"]  # trained: >= 1
         print(f"== arm {task} {name} seed {seed} (trial {chosen}" + (f", {epochs} epochs)" if seed else ")"), flush=True)
         run_arm(args.work, task, seed, name, chosen, epochs)
-        test_eval(args.work, task, seed, name, chosen)
+        test_eval(args.work, task, seed, name)
 
 
 # ------------------------------------------------------------------------ report
@@ -481,12 +514,22 @@ def report(args) -> None:
         prec = precision_rows(mine)
         if prec:
             lines += ["## Precision (seed 0, validation)", "", markdown_table(prec, list(prec[0])), precision_verdict(mine)]
+        first = first_pass(args.work, task)
+        if first:
+            lines += ["## First pass (seed 0, validation): pruned the grid", "",
+                      "8 prompts a step, patience 2 counted from epoch 0 (SFT-best itself). Every trial stopped after "
+                      "2 epochs without beating SFT-best, so every arm's choice was SFT-best: the test comparison "
+                      f"would have been 0 by construction. The trials below now train at least {ARM_MIN_EPOCHS} "
+                      f"epochs at {ARM_BATCH} prompts a step, and lr 5e-5 (below SFT-best by 5-15 points for "
+                      "irft and spin) left the grid.", "", markdown_table(first, list(first[0])), ""]
         trials, arm_results = arm_tables(args, task)
         lines += ["## Tuning trials (seed 0, validation only)", "",
-                  f"Each trial trains from seed 0's SFT-best epoch by epoch (up to {ARM_MAX_EPOCHS} passes over the "
-                  f"demonstrations; continued SFT up to {ARMS['sft'].max_epochs}), validated after each; epoch 0 is "
-                  "SFT-best itself. Every arm gets the same number of trials; the chosen one has the best validation "
-                  "accuracy.", ""]
+                  f"Each trial trains from seed 0's SFT-best epoch by epoch at {ARM_BATCH} prompts a step, "
+                  f"at least {ARM_MIN_EPOCHS} passes over the demonstrations and on while validation accuracy "
+                  f"improved within {PATIENCE} (up to {ARM_MAX_EPOCHS}; continued SFT up to {ARMS['sft'].max_epochs}), "
+                  "validated after each; epoch 0 is SFT-best itself. best epoch: the best trained epoch (>= 1), "
+                  "whose model the arm keeps. Every arm gets the same number of trials; the chosen one has the "
+                  "best validation accuracy.", ""]
         lines += [markdown_table(trials, list(trials[0])) if trials else "(to run)\n"]
         lines += [f"## Arms against continued SFT ({BASELINE}) on the held-out test prompts", ""]
         if arm_results:
@@ -518,10 +561,22 @@ def report(args) -> None:
         print(f"wrote {args.results / name}.md/.json" + (".png" if mine else ""))
 
 
+def first_pass(work: Path, task: str) -> list[dict]:
+    lrs = {"sft": (5e-6, 2e-5, 5e-5)}  # the first pass's grids (pair arms: 2e-6, 1e-5, 5e-5)
+    rows = []
+    for unit in sorted((work / task / "seed0" / "first-pass").glob("arm-*")):
+        curve = json.loads((unit / "curve.json").read_text())
+        done = json.loads((unit / "done.json").read_text()) if (unit / "done.json").exists() else None
+        arm, trial = unit.name.removeprefix("arm-").rsplit("-t", 1)
+        rows.append({"arm": arm, "lr": f"{lrs.get(arm, (2e-6, 1e-5, 5e-5))[int(trial)]:g}",
+                     "stopped by": "patience" if done else "the session's end",
+                     "steps": curve[-1]["step"], "curve (epoch: val acc)": " ".join(f"{e['epoch']}:{e['accuracy']:.1%}" for e in curve)})
+    return rows
+
+
 def tested(work: Path, task: str, seed: int, name: str) -> dict | None:
-    chosen = chosen_trial(work, task, name)
-    path = work / task / f"seed{seed}" / f"arm-{name}-t{chosen}" / "test.json"
-    return json.loads(path.read_text()) if chosen is not None and path.exists() else None
+    unit = unit_of(work, task, seed, name)
+    return json.loads((unit / "test.json").read_text()) if unit and (unit / "test.json").exists() else None
 
 
 def arm_tables(args, task: str) -> tuple[list[dict], list[dict]]:
@@ -534,38 +589,49 @@ def arm_tables(args, task: str) -> tuple[list[dict], list[dict]]:
         for t in range(len(ARMS[name].trials)):
             path = args.work / task / "seed0" / f"arm-{name}-t{t}" / "done.json"
             if not path.exists():
+                if path.with_name("curve.json").exists():
+                    curve = json.loads(path.with_name("curve.json").read_text())
+                    trials.append({"arm": name, "trial": t, "settings": " ".join(f"{k}={v}" for k, v in ARMS[name].trials[t].items()),
+                                   "best epoch": "", "val acc": "", "val NLL": "", "steps": curve[-1]["step"], "train s": "",
+                                   "curve": " ".join(f"{e['epoch']}:{e['accuracy']:.1%}" for e in curve), "chosen": "running"})
                 continue
             d = json.loads(path.read_text())
             trials.append({"arm": name, "trial": t, "settings": " ".join(f"{k}={v}" for k, v in d["settings"].items()),
                            "best epoch": d["best_epoch"], "val acc": f"{d['validation_accuracy']:.1%}",
                            "val NLL": f"{d['validation_nll']:.4f}", "steps": d["steps"], "train s": f"{d['train_seconds']:.0f}",
-                           "curve": " ".join(f"{e['epoch']}:{e['accuracy']:.0%}" for e in d["curve"]),
+                           "curve": " ".join(f"{e['epoch']}:{e['accuracy']:.1%}" for e in d["curve"]),
                            "chosen": "yes" if t == chosen else ""})
-    seeds = {name: [s for s in range(args.seeds) if tested(args.work, task, s, name)] for name in arms_of(args, task)}
+    names = [START] + arms_of(args, task)
+    seeds = {name: [s for s in range(args.seeds) if tested(args.work, task, s, name)] for name in names}
+
+    def versus(name: str, other: str) -> tuple[str, str]:
+        both = [s for s in seeds[name] if s in seeds[other]]
+        if name == other or not both:
+            return "", ""
+        d = paired_bootstrap_difference(*([[float(c) for c in tested(args.work, task, s, n)["correct"]] for s in both]
+                                          for n in (name, other)), shared_prompts=True)
+        verdict = "better" if d.low > 0 else "worse" if d.high < 0 else "within noise"
+        return f"{100 * d.mean:+.1f} [{100 * d.low:+.1f}, {100 * d.high:+.1f}] {verdict}", f"{100 * d.width:.1f}"
+
     out = []
-    for name in arms_of(args, task):
+    for name in names:
         if not seeds[name]:
             continue
-        runs = [json.loads((args.work / task / f"seed{s}" / f"arm-{name}-t{chosen_trial(args.work, task, name)}"
-                            / "done.json").read_text()) for s in seeds[name]]
         scores = [[float(c) for c in tested(args.work, task, s, name)["correct"]] for s in seeds[name]]
         row = {"arm": name, "seeds": len(scores),
                "test acc (per seed)": f"{statistics.fmean(map(statistics.fmean, scores)):.1%} ("
                                       + " ".join(f"{statistics.fmean(x):.1%}" for x in scores) + ")"}
-        both = [s for s in seeds[name] if s in seeds.get(BASELINE, [])]
-        if name == BASELINE:
-            row.update({f"diff vs {BASELINE} [95%]": "baseline", "width": "", "verdict": ""})
-        elif both:
-            base = [[float(c) for c in tested(args.work, task, s, BASELINE)["correct"]] for s in both]
-            mine = [[float(c) for c in tested(args.work, task, s, name)["correct"]] for s in both]
-            d = paired_bootstrap_difference(mine, base, shared_prompts=True)
-            row[f"diff vs {BASELINE} [95%]"] = f"{100 * d.mean:+.1f} [{100 * d.low:+.1f}, {100 * d.high:+.1f}]"
-            row["width"] = f"{100 * d.width:.1f}"
-            row["verdict"] = "better" if d.low > 0 else "worse" if d.high < 0 else "within noise"
-        row.update({"best epochs": " ".join(str(r["best_epoch"]) for r in runs),
+        row[f"diff vs {BASELINE} [95%]"], row["width"] = versus(name, BASELINE)
+        row[f"diff vs {START} [95%]"], _ = versus(name, START)
+        if name == START:
+            out.append(row)
+            continue
+        runs = [json.loads((unit_of(args.work, task, s, name) / "done.json").read_text()) for s in seeds[name]]
+        row.update({"epochs": " ".join(str(r["best_epoch"]) for r in runs),
                     "steps": " ".join(str(r["best_step"]) for r in runs),
                     "train s": f"{statistics.fmean(r['train_seconds'] for r in runs):.0f}",
                     "val acc, NLL (seed 0)": f"{runs[0]['validation_accuracy']:.1%}, {runs[0]['validation_nll']:.4f}"
+                    + (" (not above SFT-best)" if runs[0].get("validation_keeps_start") else "")
                     if seeds[name][0] == 0 else ""})
         rounds_all = [x for r in runs for x in r["rounds"]]
         pairs = sum(x.get("pairs", 0) + x.get("identical_pairs", 0) for x in rounds_all)
@@ -625,8 +691,10 @@ def estimate(args) -> None:
             unit = args.work / task / f"seed{seed}" / (f"arm-{name}-t{trial}" if kind == "tune" else "")
             if (unit / "done.json").exists() if kind == "tune" else tested(args.work, task, seed, name):
                 continue
-            train_epoch = statistics.fmean(trained[name]) if name in trained else ARM_COST[name] * sft_epoch + ARM_STARTUP
-            if kind == "tune":
+            train_epoch = statistics.fmean(trained[name]) if name in trained else ARM_COST.get(name, 0) * sft_epoch + ARM_STARTUP
+            if kind == "start":
+                task_total += test_eval_seconds / 60
+            elif kind == "tune":
                 task_total += epochs * (train_epoch + val_epoch) / 60
             else:  # seed 0's is its tuning run; the others train seed 0's best epoch count, unvalidated
                 task_total += ((best * train_epoch if seed else 0) + test_eval_seconds) / 60
