@@ -402,8 +402,8 @@ def arm_units(task: str, arms: list[str], seeds: int) -> list[tuple[str, int, st
     return units + [u for s in range(seeds) for u in [("start", s, START, None)] + [("arm", s, a, None) for a in arms]]
 
 
-def run_arms(args, task: str) -> None:
-    started = time.time()
+def run_arms(args, task: str, started: float) -> None:
+    """The task's arm units in order, starting none after --budget-minutes since ``started``."""
     for kind, seed, name, trial in arm_units(task, arms_of(args, task), args.seeds):
         if not (args.work / task / f"seed{seed}" / "sft-best-fp32" / "done.json").exists():
             print(f"{task} seed {seed}: SFT-best has not run yet (--stage sft-best first)")
@@ -733,8 +733,9 @@ def main() -> None:
             print(f"== sft-best {task} seed {seed} {precision}", flush=True)
             sft_best(args.work, task, seed, precision, args.model)
     if args.stage == "arms":
+        started = time.time()  # one budget for the whole call, not one a task
         for task in args.tasks:
-            run_arms(args, task)
+            run_arms(args, task, started)
     report(args)
 
 
