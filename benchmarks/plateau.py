@@ -337,7 +337,6 @@ def run_arm(work: Path, task: str, seed: int, name: str, trial: int, epochs: int
     result = {"task": task, "seed": seed, "arm": name, "method": ARMS[name].method, "trial": trial,
               "settings": {**ARMS[name].fixed, **settings}, "best_epoch": best["epoch"], "best_step": best["step"],
               "validation_accuracy": best["accuracy"], "validation_nll": best["nll"], "curve": curve,
-              "validation_keeps_start": epochs is None and best_epoch(curve)["epoch"] == 0,
               "steps": curve[-1]["step"], "train_seconds": round(sum(e["train_seconds"] for e in curve), 1),
               "validation_seconds": round(sum(e["seconds"] for e in curve), 1),
               "model": str(unit / "best"),
@@ -517,7 +516,7 @@ def report(args) -> None:
         first = first_pass(args.work, task)
         if first:
             lines += ["## First pass (seed 0, validation): pruned the grid", "",
-                      "8 prompts a step, patience 2 counted from epoch 0 (SFT-best itself). Every trial stopped after "
+                      "8 prompts a step, patience 2 counted from epoch 0 (SFT-best itself). Every finished trial stopped after "
                       "2 epochs without beating SFT-best, so every arm's choice was SFT-best: the test comparison "
                       f"would have been 0 by construction. The trials below now train at least {ARM_MIN_EPOCHS} "
                       f"epochs at {ARM_BATCH} prompts a step, and lr 5e-5 (below SFT-best by 5-15 points for "
@@ -631,7 +630,7 @@ def arm_tables(args, task: str) -> tuple[list[dict], list[dict]]:
                     "steps": " ".join(str(r["best_step"]) for r in runs),
                     "train s": f"{statistics.fmean(r['train_seconds'] for r in runs):.0f}",
                     "val acc, NLL (seed 0)": f"{runs[0]['validation_accuracy']:.1%}, {runs[0]['validation_nll']:.4f}"
-                    + (" (not above SFT-best)" if runs[0].get("validation_keeps_start") else "")
+                    + (" (not above SFT-best)" if best_epoch(runs[0]["curve"])["epoch"] == 0 else "")
                     if seeds[name][0] == 0 else ""})
         rounds_all = [x for r in runs for x in r["rounds"]]
         pairs = sum(x.get("pairs", 0) + x.get("identical_pairs", 0) for x in rounds_all)
@@ -691,10 +690,11 @@ def estimate(args) -> None:
             unit = args.work / task / f"seed{seed}" / (f"arm-{name}-t{trial}" if kind == "tune" else "")
             if (unit / "done.json").exists() if kind == "tune" else tested(args.work, task, seed, name):
                 continue
-            train_epoch = statistics.fmean(trained[name]) if name in trained else ARM_COST.get(name, 0) * sft_epoch + ARM_STARTUP
             if kind == "start":
                 task_total += test_eval_seconds / 60
-            elif kind == "tune":
+                continue
+            train_epoch = statistics.fmean(trained[name]) if name in trained else ARM_COST[name] * sft_epoch + ARM_STARTUP
+            if kind == "tune":
                 task_total += epochs * (train_epoch + val_epoch) / 60
             else:  # seed 0's is its tuning run; the others train seed 0's best epoch count, unvalidated
                 task_total += ((best * train_epoch if seed else 0) + test_eval_seconds) / 60
