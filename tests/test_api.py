@@ -94,7 +94,9 @@ NEW_NAMES = {"rft": {"beta": "kl_coef"}, "rso": {"beta": "rejection_beta", "gamm
 
 
 ADDED_SINCE = {"reward_tokens": "all",  # srppo, rso: the implicit reward over every token, as before
-               "pack": False}  # every method: the padded layout, as before
+               "pack": False,  # every method: the padded layout, as before
+               # sft: early stopping, off without --eval-data (the others only act with it)
+               "eval_data": None, "eval_size": 64, "patience": 2, "verifier": None, "max_new_tokens": 128}
 
 
 @pytest.mark.parametrize("method", sorted(BEFORE_RENAMES))
@@ -109,7 +111,8 @@ def test_every_method_keeps_its_defaults_under_the_new_names(method):
     now = dataclasses.asdict(METHOD_CONFIGS[method]())
     assert {k: now[k] for k in before} == before
     # options added since, each with the default that keeps the old behaviour
-    assert {k: now[k] for k in set(now) - set(before)} == {k: v for k, v in ADDED_SINCE.items() if k in now}
+    added = set(now) - set(before)
+    assert {k: now[k] for k in added} == {k: v for k, v in ADDED_SINCE.items() if k in added}
 
 
 @pytest.mark.parametrize("argv, message", [

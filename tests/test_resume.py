@@ -18,6 +18,9 @@ SMALL = ["--seed", "3", "--learning-rate", "1e-3", "--per-device-batch-size", "2
 SAMPLED = ["--max-new-tokens", "8", "--lr-scheduler", "constant"]
 METHODS = {
     "sft": ["--method", "sft", "--epochs", "2"],
+    # the tiny model answers nothing right: epoch 1 is kept, epoch 2 spends the patience
+    "sft-early-stopping": ["--method", "sft", "--epochs", "4", "--eval-data", "{data}", "--verifier", "exact",
+                           "--max-new-tokens", "4", "--patience", "1"],
     "irft": ["--method", "irft", "--rounds", "2", "--passes", "2", *SAMPLED],
     "spin-keep-previous": ["--method", "spin", "--iterations", "2", "--keep-previous-round", *SAMPLED],
     "rft": ["--method", "rft", "--rounds", "2", "--reward-learning-rate", "1e-3", *SAMPLED],
@@ -35,7 +38,7 @@ def test_killed_at_random_moments_and_resumed_ends_identical(method, tiny_model_
     data = write_jsonl(tmp_path / "demos.jsonl", sort_rows(8))
     # srppo/rso: the tiny model as its own base (a zero reward; resume does not care)
     args = ["train", "--model", tiny_model_dir, "--data", data, *SMALL,
-            *[str(tiny_model_dir) if a == "{base}" else a for a in METHODS[method]]]
+            *[{"{base}": str(tiny_model_dir), "{data}": str(data)}.get(a, a) for a in METHODS[method]]]
     t0 = time.time()
     run_cli(*args, "--output", tmp_path / "straight")
     duration = time.time() - t0

@@ -16,7 +16,7 @@ from sftjuice.algorithms import sft
 from sftjuice.config import SFTConfig, TrainConfig, parse_args
 from sftjuice.training import start_run
 
-from .conftest import REPO, read_metrics, run_cli
+from .conftest import REPO, per_token_nll, read_metrics, run_cli, sort_rows, write_jsonl
 
 
 def test_sft_loss_is_mean_nll_of_completion_tokens(tiny_model_dir, demo_file, tmp_path):
@@ -251,3 +251,93 @@ def test_progress_bars_show_on_a_terminal_with_a_rate_and_hide_with_quiet(tiny_m
     assert "training: 100%" in shown and ("step/s" in shown or "s/step" in shown)
     quiet = on_terminal("--quiet")
     assert "training:" not in quiet and "INFO" not in quiet and "trained model:" in quiet
+
+
+# ------------------------------------------------------------ early stopping (--eval-data)
+
+
+def fresh_heldout_nll(model_dir: Path, held: Path, tokenizer) -> float:
+    """Mean over the held-out rows of the reference's per-token NLL, by a plain forward pass."""
+    from transformers import AutoModelForCausalLM
+
+    from sftjuice.data import ChatFormat, load_demonstrations
+    from sftjuice.models import stop_token_ids
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    examples = ChatFormat(tokenizer, stop_token_ids(model)).encode(load_demonstrations(held), 512, 1024)
+    return per_token_nll(model, examples) / len(examples)
+
+
+def early_stopping_run(tiny_model_dir, tmp_path, **options):
+    rows = sort_rows(40)
+    data, held = write_jsonl(tmp_path / "d.jsonl", rows[:16]), write_jsonl(tmp_path / "h.jsonl", rows[16:])
+    cfg = SFTConfig(model=str(tiny_model_dir), data=str(data), output=str(tmp_path / "o"), per_device_batch_size=4,
+                    lr_scheduler="constant", eval_data=str(held), **options)
+    final = sft.train(cfg)
+    return final, held, [m for m in read_metrics(tmp_path / "o") if m.get("event") == "validation"]
+
+
+def test_early_stopping_on_heldout_nll_keeps_the_best_epoch(tiny_model_dir, tokenizer, tmp_path):
+    # lr 1e-2 on 16 rows overfits: the held-out NLL falls, then rises
+    final, held, curve = early_stopping_run(tiny_model_dir, tmp_path, epochs=8.0, learning_rate=1e-2, patience=2)
+    nll = [c["nll"] for c in curve]
+    best = nll.index(min(nll))
+    assert [c["epoch"] for c in curve] == list(range(1, len(curve) + 1))
+    assert [c["step"] for c in curve] == [4 * c["epoch"] for c in curve]
+    assert 0 < best < len(curve) - 1, f"no interior best epoch to keep: {nll}"  # the case worth testing
+    assert len(curve) == min(8, best + 1 + 2), "stopped before or after --patience epochs without a better one"
+    assert fresh_heldout_nll(final, held, tokenizer) == pytest.approx(nll[best], rel=1e-5)
+    assert json.loads((final / sft.SELECTED).read_text())["epoch"] == best + 1
+    assert not (final.parent / "best").exists()
+
+
+def test_early_stopping_by_verifier_keeps_the_first_of_equal_epochs(tiny_model_dir, tokenizer, tmp_path):
+    # the tiny random model answers no sort question right: every epoch ties at 0, so the first is kept
+    final, held, curve = early_stopping_run(tiny_model_dir, tmp_path, epochs=6.0, learning_rate=1e-3, patience=2,
+                                            verifier="exact", max_new_tokens=6)
+    assert [c["accuracy"] for c in curve] == [0.0, 0.0, 0.0]
+    assert fresh_heldout_nll(final, held, tokenizer) == pytest.approx(curve[0]["nll"], rel=1e-5)
+    assert abs(curve[0]["nll"] - curve[2]["nll"]) > 1e-3  # training moved the model: keeping epoch 1 matters
+
+
+def test_best_epoch_and_patience_rules():
+    curve = [{"epoch": 1, "accuracy": 0.3, "nll": 1.0}, {"epoch": 2, "accuracy": 0.5, "nll": 0.9},
+             {"epoch": 3, "accuracy": 0.5, "nll": 0.8}, {"epoch": 4, "accuracy": 0.4, "nll": 0.7}]
+    assert sft.best_of(curve)["epoch"] == 2  # accuracy first; a tie keeps the earlier
+    assert sft.best_of([{k: v for k, v in e.items() if k != "accuracy"} for e in curve])["epoch"] == 4
+    assert sft.patience_spent(curve, 2) and not sft.patience_spent(curve, 3) and not sft.patience_spent(curve[:3], 2)
+
+
+def test_a_verifier_without_heldout_data_is_refused_in_one_line(tiny_model_dir, demo_file, tmp_path):
+    proc = run_cli("train", "--model", tiny_model_dir, "--data", demo_file, "--output", tmp_path / "o",
+                   "--verifier", "exact", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == "sftjuice train: error: --verifier judges --eval-data: give both"
+
+
+def test_a_run_started_before_an_option_existed_resumes(tiny_model_dir, demo_file, tmp_path):
+    out = tmp_path / "o"
+    args = ["train", "--model", tiny_model_dir, "--data", demo_file, "--output", out, *TRAIN]
+    run_cli(*args)
+    manifest = json.loads((out / "manifest.json").read_text())
+    for new in ("eval_data", "eval_size", "patience", "verifier", "max_new_tokens"):
+        del manifest["config"][new]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert run_cli(*args, "--resume").returncode == 0
+    refused = run_cli(*args, "--resume", "--patience", "3", check=False)
+    assert refused.returncode == 2 and "--patience 2 -> 3" in refused.stderr
+
+
+def test_lora_early_stopping_keeps_the_best_adapter_and_merges_that_one(tiny_model_dir, tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    final, held, curve = early_stopping_run(tiny_model_dir, tmp_path, epochs=4.0, learning_rate=1e-2, patience=1,
+                                            verifier="exact", max_new_tokens=4, lora=True, lora_r=4, merge_lora=True)
+    assert len(curve) == 2 and (final / "adapter_config.json").exists()  # epoch 1 kept (nothing right), 2 spent patience
+    assert abs(curve[0]["nll"] - curve[1]["nll"]) > 1e-3
+    assert fresh_heldout_nll(final, held, tokenizer) == pytest.approx(curve[0]["nll"], rel=1e-5)
+    ids = torch.tensor([[1, 4093, 198, 1780, 314, 216, 34, 2]])
+    with torch.no_grad():
+        adapted = AutoModelForCausalLM.from_pretrained(final)(ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(final.parent / "merged")(ids).logits
+    torch.testing.assert_close(adapted, merged, rtol=1e-4, atol=1e-4)

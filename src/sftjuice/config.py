@@ -219,8 +219,21 @@ class ImplicitRewardConfig(Checked):
 @config
 class SFTConfig(EpochsConfig, TrainConfig):
     """SFT: minimise -log pi(y^E|x) over the demonstrations."""
+    eval_data: str | None = option(None, "held-out demonstrations: after each epoch the model is judged on them, and OUTPUT/final "
+                                   "is the best epoch's model (early stopping; OUTPUT/best holds it while the run goes on)")
+    eval_size: int = option(64, "at most this many --eval-data rows", ge=1)
+    patience: int = option(2, "with --eval-data: stop after this many epochs without a better one", ge=1)
+    verifier: str | None = option(None, "with --eval-data: judge greedy answers with this verifier (exact, steps or "
+                                  "module:function) and keep the most accurate epoch; none: the epoch of lowest "
+                                  "per-token NLL of the held-out demonstrations")
+    max_new_tokens: int = option(128, "with --verifier: longest greedy answer, in tokens", ge=1)
     # defaults this method changes
     _defaults = dict(method="sft")
+
+    def check(self) -> None:
+        super().check()
+        if self.verifier and not self.eval_data:
+            raise SftjuiceError("--verifier judges --eval-data: give both")
 
 
 @config

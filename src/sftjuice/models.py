@@ -277,10 +277,15 @@ def save_model(model, tokenizer, out: Path, merge_lora: bool = False) -> None:
             model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     if merge_lora and is_peft(model):
-        merged = model.merge_and_unload()
-        with atomic_dir(out.parent / "merged") as tmp:
-            merged.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
+        save_merged(model.merge_and_unload(), tokenizer, out.parent / "merged")
+
+
+def save_merged(model, tokenizer, out: Path) -> None:
+    """A LoRA policy merged into its base (``merge_and_unload``, or an adapter directory loaded by
+    :func:`load_pretrained`), written atomically as a full HF directory."""
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
 
 
 def load_reward_model(path: Path, pad_token_id: int | None = None):

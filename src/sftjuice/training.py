@@ -36,7 +36,8 @@ from .config import (SamplingConfig, SftjuiceError, TrainConfig, config_dict, fl
                      saved_under_new_names)
 from .data import ChatFormat, Demonstration, Example, collate, collate_packed, collate_shared, load_demonstrations
 from .progress import bar as progress_bar
-from .models import load_policy, load_tokenizer, resolve_model, save_model, stop_token_ids, use_bf16
+from .models import (load_policy, load_pretrained, load_tokenizer, resolve_model, save_merged, save_model,
+                     stop_token_ids, use_bf16)
 from .stopping import DIVERGED, FOLDER_IN_USE, LOCK, PREEMPTED, RunStopped, install_stop_handlers, lock_output, \
     release, resume_command, signal_received
 from .storage import MetricsLog, atomic_write_text
@@ -222,6 +223,7 @@ class Run:
     unsaved_steps: int = 0  # optimiser steps since the last checkpoint
     bad_in_row: int = 0  # non-finite steps in a row (each skipped)
     stopping: bool = False  # every process agreed to stop at the next checkpoint
+    carried: dict = field(default_factory=dict)  # what every checkpoint's state also holds (SFT's validation curve)
 
     @property
     def is_main(self) -> bool:
@@ -317,7 +319,8 @@ class Run:
     def save_checkpoint(self, state: dict) -> None:
         """Every learner's model, optimiser and schedule, the RNG states and ``state``, written
         atomically: a kill leaves the previous checkpoint whole. After a stop signal, the
-        run ends here (:class:`RunStopped`)."""
+        run ends here (:class:`RunStopped`). ``state`` is merged over :attr:`carried`."""
+        state = {**self.carried, **state}
         acc = self.accelerator
         final = self.checkpoint_dir / f"step-{state['step']:07d}"
         tmp = final.with_name(f".{final.name}.tmp")
@@ -375,13 +378,23 @@ class Run:
         log.log(logging.WARNING if damaged else logging.INFO, "resumed from %s (step %d)", path, state["step"])
         return state
 
-    def finish(self) -> Path:
-        """Write ``final/``: an HF directory that ``from_pretrained`` loads."""
+    def finish(self, keep: Path | None = None) -> Path:
+        """Write ``final/``: an HF directory that ``from_pretrained`` loads. It is the policy
+        as it stands, or the model saved earlier in ``keep`` (SFT's best epoch), moved there;
+        with ``keep`` gone, a run killed after the move, ``final/`` already holds it."""
         self.accelerator.wait_for_everyone()
         final = self.output / "final"
-        if self.is_main:
+        if self.is_main and keep is None:
             save_model(self.policy, self.tokenizer, final, merge_lora=self.cfg.merge_lora)
             log.info("saved %s (%.0f s)", final, time.time() - self.started)
+        elif self.is_main and keep.exists():
+            if self.cfg.merge_lora:
+                from transformers import AutoModelForCausalLM
+
+                save_merged(load_pretrained(AutoModelForCausalLM, keep, "the kept adapter"), self.tokenizer,
+                            self.output / "merged")
+            _remove_dir(final)
+            os.replace(keep, final)
         for tracker in self.accelerator.trackers:  # flush --report-to files
             tracker.finish()
         self.accelerator.wait_for_everyone()
@@ -429,7 +442,9 @@ def check_output(output: Path, cfg: TrainConfig, manifest: dict) -> None:
         raise SftjuiceError(f"{output} holds files but no {MANIFEST}: not an sftjuice run to resume "
                             "(use --overwrite or another --output)")
     old = json.loads(path.read_text())
-    saved = saved_under_new_names(old.get("method"), old["config"])  # a run started before options were renamed
+    # a run started before options were renamed keeps its old names; one started before an
+    # option existed ran with its default
+    saved = {**config_dict(type(cfg)()), **saved_under_new_names(old.get("method"), old["config"])}
     changes = [f"{flag(k)} {saved.get(k)!r} -> {v!r}" for k, v in manifest["config"].items()
                if saved.get(k) != v and not (k in GROWABLE and can_grow(saved, k, v))]
     changes += [f"the {what} changed" for what in ("data", "model") if old.get(what) != manifest[what]]
@@ -475,6 +490,9 @@ def start_run(cfg: TrainConfig, model=None, tokenizer=None, data=None) -> Run:
         # sharded model needs every process in every forward pass
         raise SftjuiceError(f"--method {cfg.method} samples from the policy, which FSDP shards: run it with DDP "
                             "(accelerate launch --multi_gpu) or on one process; FSDP runs --method sft")
+    if accelerator.distributed_type == DistributedType.FSDP and getattr(cfg, "eval_data", None) and cfg.method == "sft":
+        raise SftjuiceError("--eval-data: each process judges its share of the held-out rows on the whole model, which "
+                            "FSDP shards: run it with DDP (accelerate launch --multi_gpu) or on one process")
     set_seed(cfg.seed)
     demos = load_demonstrations(cfg.data if data is None else data, skip_invalid=cfg.skip_invalid)
     data_fp = file_fingerprint(Path(cfg.data)) if data is None else rows_fingerprint(list(data))
