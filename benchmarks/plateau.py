@@ -532,10 +532,12 @@ def report(args) -> None:
         lines += [markdown_table(trials, list(trials[0])) if trials else "(to run)\n"]
         lines += [f"## Arms against continued SFT ({BASELINE}) on the held-out test prompts", ""]
         if arm_results:
-            lines += [markdown_table(arm_results, list(arm_results[0])),
+            columns = list(dict.fromkeys(k for row in arm_results for k in row))  # SFT-best's row has fewer
+            lines += [markdown_table(arm_results, columns),
                       "diff: accuracy minus continued SFT's, in points, mean over seeds and prompts, with the 95% "
-                      "paired two-level bootstrap interval (seeds, then prompts shared by all seeds); width in points.", ""]
-            print(f"\n{task}: arms\n" + text_table(arm_results, list(arm_results[0])))
+                      "paired two-level bootstrap interval (seeds, then prompts shared by all seeds); width in points.", "",
+                      verdict_text(arm_results), ""]
+            print(f"\n{task}: arms\n" + text_table(arm_results, columns))
         else:
             lines += ["(to run)", ""]
         name = f"quality-plateau-{task}"
@@ -642,6 +644,28 @@ def arm_tables(args, task: str) -> tuple[list[dict], list[dict]]:
                 row[label] = f"{statistics.fmean(values):.3f}"
         out.append(row)
     return trials, out
+
+
+DEMONSTRATION_ONLY = ("irft", "spin", "rft")  # the issue's goal: one of these beats continued SFT
+
+
+def verdict_text(rows: list[dict]) -> str:
+    """The goal's question, read from the arm table: which arms' intervals exclude 0 against
+    continued SFT (and, for the verifier arms, against rest), and the widest interval."""
+    diff = f"diff vs {BASELINE} [95%]"
+    done = {r["arm"]: r for r in rows if r.get(diff)}
+    said = []
+    for r in done.values():
+        word = r[diff].rsplit("] ", 1)[1]
+        said.append(f"{r['arm']} {r[diff].rsplit(' ', 2 if word == 'within noise' else 1)[0]} ({word})")
+    wins = [a for a in DEMONSTRATION_ONLY if a in done and done[a][diff].endswith("better")]
+    widths = [float(r["width"]) for r in done.values() if r.get("width")]
+    seeds = min((r["seeds"] for r in done.values()), default=0)
+    text = (f"**Verdict so far** ({seeds}+ seeds per arm): against continued SFT, " + "; ".join(said) + ". "
+            + (f"Demonstration-only arms whose interval excludes 0 above: {', '.join(wins)}. " if wins else
+               "No demonstration-only arm (irft, spin, rft) that ran beats continued SFT with an interval excluding 0. ")
+            + (f"Widest interval: {max(widths):.1f} points (target: at most 8, i.e. ±4)." if widths else ""))
+    return text
 
 
 # ------------------------------------------------------------------------ estimate
