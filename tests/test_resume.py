@@ -18,7 +18,8 @@ SMALL = ["--seed", "3", "--learning-rate", "1e-3", "--per-device-batch-size", "2
 SAMPLED = ["--max-new-tokens", "8", "--lr-scheduler", "constant"]
 METHODS = {
     "sft": ["--method", "sft", "--epochs", "2"],
-    # the tiny model answers nothing right: epoch 1 is kept, epoch 2 spends the patience
+    # held-out rows = training rows: each epoch is better than the last, replaces OUTPUT/best and
+    # is moved to final/ at the end (a kill may fall between any two of these)
     "sft-early-stopping": ["--method", "sft", "--epochs", "4", "--eval-data", "{data}", "--verifier", "exact",
                            "--max-new-tokens", "4", "--patience", "1"],
     "irft": ["--method", "irft", "--rounds", "2", "--passes", "2", *SAMPLED],

@@ -291,21 +291,24 @@ def test_early_stopping_on_heldout_nll_keeps_the_best_epoch(tiny_model_dir, toke
     assert not (final.parent / "best").exists()
 
 
-def test_early_stopping_by_verifier_keeps_the_first_of_equal_epochs(tiny_model_dir, tokenizer, tmp_path):
-    # the tiny random model answers no sort question right: every epoch ties at 0, so the first is kept
-    final, held, curve = early_stopping_run(tiny_model_dir, tmp_path, epochs=6.0, learning_rate=1e-3, patience=2,
+def test_early_stopping_by_verifier_breaks_equal_accuracies_by_heldout_nll(tiny_model_dir, tokenizer, tmp_path):
+    # the tiny random model answers no sort question right: every epoch ties at 0, and the NLL decides
+    final, held, curve = early_stopping_run(tiny_model_dir, tmp_path, epochs=8.0, learning_rate=1e-2, patience=2,
                                             verifier="exact", max_new_tokens=6)
-    assert [c["accuracy"] for c in curve] == [0.0, 0.0, 0.0]
-    assert fresh_heldout_nll(final, held, tokenizer) == pytest.approx(curve[0]["nll"], rel=1e-5)
-    assert abs(curve[0]["nll"] - curve[2]["nll"]) > 1e-3  # training moved the model: keeping epoch 1 matters
+    assert {c["accuracy"] for c in curve} == {0.0}
+    nll = [c["nll"] for c in curve]
+    best = nll.index(min(nll))
+    assert 0 < best < len(curve) - 1 and len(curve) == min(8, best + 1 + 2), nll
+    assert fresh_heldout_nll(final, held, tokenizer) == pytest.approx(nll[best], rel=1e-5)
 
 
 def test_best_epoch_and_patience_rules():
     curve = [{"epoch": 1, "accuracy": 0.3, "nll": 1.0}, {"epoch": 2, "accuracy": 0.5, "nll": 0.9},
              {"epoch": 3, "accuracy": 0.5, "nll": 0.8}, {"epoch": 4, "accuracy": 0.4, "nll": 0.7}]
-    assert sft.best_of(curve)["epoch"] == 2  # accuracy first; a tie keeps the earlier
+    assert sft.best_of(curve)["epoch"] == 3  # accuracy first; equal accuracies: the lower NLL
     assert sft.best_of([{k: v for k, v in e.items() if k != "accuracy"} for e in curve])["epoch"] == 4
-    assert sft.patience_spent(curve, 2) and not sft.patience_spent(curve, 3) and not sft.patience_spent(curve[:3], 2)
+    assert sft.best_of(curve[:2] + [{**curve[2], "nll": 0.9}])["epoch"] == 2  # a full tie keeps the earlier
+    assert sft.patience_spent(curve, 1) and not sft.patience_spent(curve, 2) and not sft.patience_spent(curve[:3], 1)
 
 
 def test_a_verifier_without_heldout_data_is_refused_in_one_line(tiny_model_dir, demo_file, tmp_path):
@@ -331,11 +334,13 @@ def test_a_run_started_before_an_option_existed_resumes(tiny_model_dir, demo_fil
 def test_lora_early_stopping_keeps_the_best_adapter_and_merges_that_one(tiny_model_dir, tokenizer, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    final, held, curve = early_stopping_run(tiny_model_dir, tmp_path, epochs=4.0, learning_rate=1e-2, patience=1,
-                                            verifier="exact", max_new_tokens=4, lora=True, lora_r=4, merge_lora=True)
-    assert len(curve) == 2 and (final / "adapter_config.json").exists()  # epoch 1 kept (nothing right), 2 spent patience
-    assert abs(curve[0]["nll"] - curve[1]["nll"]) > 1e-3
-    assert fresh_heldout_nll(final, held, tokenizer) == pytest.approx(curve[0]["nll"], rel=1e-5)
+    final, held, curve = early_stopping_run(tiny_model_dir, tmp_path, epochs=6.0, learning_rate=3e-2, patience=1,
+                                            lora=True, lora_r=4, merge_lora=True)
+    nll = [c["nll"] for c in curve]
+    best = nll.index(min(nll))
+    assert best < len(curve) - 1 and len(curve) == best + 2, nll  # the kept adapter is not the last one trained
+    assert (final / "adapter_config.json").exists()
+    assert fresh_heldout_nll(final, held, tokenizer) == pytest.approx(nll[best], rel=1e-5)
     ids = torch.tensor([[1, 4093, 198, 1780, 314, 216, 34, 2]])
     with torch.no_grad():
         adapted = AutoModelForCausalLM.from_pretrained(final)(ids).logits

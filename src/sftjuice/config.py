@@ -224,7 +224,7 @@ class SFTConfig(EpochsConfig, TrainConfig):
     eval_size: int = option(64, "at most this many --eval-data rows", ge=1)
     patience: int = option(2, "with --eval-data: stop after this many epochs without a better one", ge=1)
     verifier: str | None = option(None, "with --eval-data: judge greedy answers with this verifier (exact, steps or "
-                                  "module:function) and keep the most accurate epoch; none: the epoch of lowest "
+                                  "module:function) and keep the most accurate epoch (equal ones: the lower NLL); none: the epoch of lowest "
                                   "per-token NLL of the held-out demonstrations")
     max_new_tokens: int = option(128, "with --verifier: longest greedy answer, in tokens", ge=1)
     # defaults this method changes

@@ -2,8 +2,9 @@
 
 With ``--eval-data``, SFT stops early: after each epoch the policy is judged on the
 held-out demonstrations (greedy accuracy by ``--verifier``, else the reference answers'
-per-token NLL), the best epoch's model is kept in ``OUTPUT/best``, training ends after
-``--patience`` epochs without a better one, and ``OUTPUT/final`` is the best epoch's model.
+per-token NLL, which also breaks ties in accuracy), the best epoch's model is kept in
+``OUTPUT/best``, training ends after ``--patience`` epochs without a better one, and
+``OUTPUT/final`` is the best epoch's model.
 Each judgement is a metrics.jsonl ``event`` "validation" and part of every checkpoint, so a
 resumed run chooses what an uninterrupted one does."""
 
@@ -78,8 +79,10 @@ def judge(run: Run, demos: list[Demonstration]) -> dict:
 
 
 def best_of(curve: list[dict]) -> dict:
-    """The epoch to keep: the highest accuracy, or without a verifier the lowest NLL; a tie keeps the earlier epoch."""
-    return max(curve, key=lambda e: (e["accuracy"] if "accuracy" in e else -e["nll"], -e["epoch"]))
+    """The epoch to keep: the highest accuracy, equal accuracies (a few held-out answers move
+    it in steps) going to the lower NLL; without a verifier the lowest NLL. A full tie keeps
+    the earlier epoch."""
+    return max(curve, key=lambda e: (e.get("accuracy", 0.0), -e["nll"], -e["epoch"]))
 
 
 def patience_spent(curve: list[dict], patience: int) -> bool:
