@@ -185,8 +185,10 @@ def test_a_name_has_one_help_text_in_every_method():
             helps.setdefault(f.name, set()).add(f.metadata["help"])
     differing = {name for name, texts in helps.items() if len(texts) > 1}
     # loss: irft/spin's l(u) choices vs rso's DPO/SLiC ones; passes and sft_weight: each says what
-    # its method's pairs are; reward_model: rft's starting point vs rso's fixed judge
-    assert differing == {"loss", "passes", "sft_weight", "reward_model"}
+    # its method's pairs are; reward_model: rft's starting point vs rso's fixed judge; eval_data,
+    # verifier, max_new_tokens: sft's choose the epoch to keep (greedy answers on held-out rows,
+    # no verifier = by NLL), where irft's report a margin and the sampling methods' judge samples
+    assert differing == {"loss", "passes", "sft_weight", "reward_model", "eval_data", "verifier", "max_new_tokens"}
 
 
 def test_a_run_started_before_the_renames_resumes(tmp_path):
