@@ -275,7 +275,8 @@ def run(args) -> dict[tuple[str, str], list[list[dict]]]:
                 peers = [m for m in args.methods if m in PEERS]
                 cfg = DemoConfig(output=str(out), model=args.model, task=task, train_size=size, test_size=args.test_size,
                                  methods=[m for m in args.methods if m not in PEERS], seed=seed,
-                                 low_quality_fraction=fraction, keep_models=False)  # sft/final stays: stages start from it
+                                 low_quality_fraction=fraction, keep_models=False,  # sft/final stays: stages start from it
+                                 start="sft")  # this benchmark's layout: one SFT epoch, then the methods
                 results = run_stages(cfg) + [run_peer(p, cfg, out) for p in peers]
                 for r in results:
                     r["rounds"] = round_diagnostics(out / r["stage"])

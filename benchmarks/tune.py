@@ -41,7 +41,7 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     started = time.time()
-    demo = DemoConfig(output=str(args.work / "tune" / "clean-seed0"), methods=[], seed=0)
+    demo = DemoConfig(output=str(args.work / "tune" / "clean-seed0"), methods=[], seed=0, start="sft")
     run_stages(demo)  # the one-epoch SFT model every setting starts from
     sft_model = Path(demo.output) / "sft" / "final"
     train = Path(demo.output) / "data" / "train.jsonl"

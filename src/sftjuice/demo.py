@@ -2,10 +2,13 @@
 
 Demonstrations: questions and answers of DeepMind's mathematics_dataset generator, or the
 worked multi-step arithmetic of ``multistep_arithmetic`` (shipped in ``sftjuice/demo_data``;
-see its README). The base model answers in sentences, so SFT first teaches it the task;
-then, from that SFT model and on the same demonstrations, each method spends about one
-more epoch: more SFT, or reward learning (IRFT, SPIN, RFT, ...). Held-out prompts judge
-them all with the task's verifier.
+see its README). The base model answers in sentences, so SFT first teaches it the task, to
+its best: epoch by epoch, judged on validation prompts, keeping the best epoch (SFT-best).
+Then, from SFT-best and on the same demonstrations, continued SFT (early-stopped the same
+way: the baseline) and each method at its defaults. Held-out test prompts judge them all
+with the task's verifier, and each method's difference to continued SFT comes with a
+paired 95% interval. ``--start sft`` is the older, faster layout: one SFT epoch, then about
+one more epoch of each method from it (benchmarks/quality.py runs that one).
 
 Every stage writes its model and evaluation under OUTPUT/<stage>/; running the demo
 again skips finished stages and resumes an interrupted one.
@@ -22,6 +25,7 @@ import time
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
+from typing import Literal
 
 from .config import DEFAULT_MODEL, METHOD_CONFIGS, Checked, SftjuiceError, option
 from .data import load_demonstrations
@@ -29,6 +33,7 @@ from .evaluation import evaluate_model
 from .generation import derive_seed
 from .models import resolve_model
 from .report import markdown_table, plot_bars, text_table, write_json
+from .stats import Difference, paired_bootstrap_difference
 from .storage import atomic_write_text, read_jsonl, write_jsonl
 from .verifiers import corrupt_steps, extract_answer
 from .api import train
@@ -54,7 +59,7 @@ BASE = "<base>"  # in STAGE_EXTRAS: the demo's --model, resolved to its director
 # The stages' options beyond each method's defaults, by name in --methods; "method" makes a
 # name another setting of a method. A method's entry applies only once it is registered.
 STAGE_EXTRAS: dict[str, dict] = {
-    "sft3": {"method": "sft", "epochs": 3.0},  # continued SFT with about the compute of the costliest method
+    "sft3": {"method": "sft", "epochs": 3.0},  # --start sft: continued SFT with about the compute of the costliest method
     "srppo": {"base_model": BASE},  # reward log pi_SFT - log pi_base: the model SFT started from
     "rso": {"reward": "implicit", "base_model": BASE},  # the SRPPO reward: no reward model to train first
     # whole-response DPO on (verified, wrong) pairs: the comparison per-step credit should beat
@@ -83,19 +88,28 @@ def registered_methods() -> list[str]:
     return [m for m in METHOD_CONFIGS if m in METHODS]
 
 
+# Continued SFT from SFT-best: the learning rate the plateau benchmark chose on round_number
+# (benchmarks/results/quality-plateau-numbers__round_number.md: 2e-5 over 5e-6)
+CONTINUED_SFT = {"learning_rate": 2e-5}
+
+
 @dataclass
 class DemoConfig(Checked):
-    """One SFT epoch from the base model, then one more epoch of each method from it, judged on held-out prompts."""
+    """SFT to its best epoch on validation, then continued SFT and each method from it, judged on held-out prompts."""
     output: str = option("runs/demo", "output directory")
     model: str = option(DEFAULT_MODEL, "starting model")
     task: str = option("numbers__round_number", "demo task: a file pair in sftjuice/demo_data (e.g. multistep_arithmetic)")
     train_size: int = option(96, "demonstrations used for training", ge=2)
+    validation_size: int = option(64, "validation prompts (training rows after --train-size's) that choose SFT's best epoch", ge=2)
     test_size: int = option(100, "held-out prompts for evaluation", ge=2)
-    # sft3 is in by default: continued SFT with the compute of the costliest method, the
-    # baseline the quality benchmark found hardest to beat
-    methods: list[str] = option(["sft", "sft3", "irft", "spin", "rft"], "methods compared after the shared SFT epoch "
-                            f"(also {', '.join(n for n in STAGE_EXTRAS if n not in METHOD_CONFIGS)}: SFT for 3 more epochs, "
-                            "steps with whole-response credit)")
+    start: Literal["sft-best", "sft"] = option(
+        "sft-best", "what every method starts from: SFT to its best epoch on validation (patience 2, up to --max-epochs), "
+        "with continued SFT early-stopped the same way as the baseline; or one SFT epoch (faster; the methods then "
+        "barely move it, README: What it found)")
+    max_epochs: int = option(6, "--start sft-best: most epochs of SFT and of continued SFT", ge=1)
+    methods: list[str] = option(["sft", "irft", "spin", "rft"], "methods compared from the shared start; sft is continued SFT, "
+                            f"the baseline (also {', '.join(n for n in STAGE_EXTRAS if n not in METHOD_CONFIGS)}: SFT for "
+                            "3 more epochs, steps with whole-response credit)")
     seed: int = option(0, "random seed", ge=0)
     max_new_tokens: int | None = option(None, "longest sampled or evaluated answer; default: the task's "
                                     f"({DEFAULT_TASK.max_new_tokens}; multistep_arithmetic {TASKS['multistep_arithmetic'].max_new_tokens})", ge=1)
@@ -106,6 +120,10 @@ class DemoConfig(Checked):
 
     def check(self) -> None:
         tasks = task_names()
+        rows = sum(1 for _ in (files("sftjuice") / "demo_data" / f"{self.task}.train.jsonl").open()) if self.task in tasks else 0
+        if self.task in tasks and self.train_size + self.validation_size > rows:
+            raise SftjuiceError(f"--train-size {self.train_size} + --validation-size {self.validation_size}: must be <= "
+                                f"{rows}, the rows of {self.task}'s training file")
         if self.task not in tasks:
             raise SftjuiceError(f"--task {self.task}: not a demo task; choose from {', '.join(tasks)}")
         known = list(METHOD_CONFIGS) + [n for n in STAGE_EXTRAS if n not in METHOD_CONFIGS]
@@ -134,26 +152,41 @@ class Stage:
 
 
 def stages(cfg: DemoConfig) -> list[Stage]:
-    """The base model, one SFT epoch from it, then from that SFT model one more epoch of each
-    method, each at its defaults (the settings the quality benchmark tuned) plus its STAGE_EXTRAS."""
+    """The base model; the shared start from it (SFT-best, or one SFT epoch); then from the
+    start each method at its defaults plus its STAGE_EXTRAS."""
     available = set(registered_methods())
     missing = [m for m in cfg.methods if method_of(m) not in available]
     if missing:
         raise SftjuiceError(f"--methods: {missing} not available yet (no training loop registered in "
                             f"sftjuice.algorithms); available: {', '.join(sorted(available))}")
-    return [Stage("base", ""), Stage("sft", "base", "sft")] + [Stage(f"sft+{m}", "sft", m) for m in cfg.methods]
+    start = cfg.start
+    return [Stage("base", ""), Stage(start, "base", "sft")] + [Stage(f"{start}+{m}", start, m) for m in cfg.methods]
 
 
-def stage_config(cfg: DemoConfig, stage: Stage, model, base, data, test, output):
+def baseline_of(cfg: DemoConfig) -> str:
+    """The stage every method is compared to: continued SFT from the shared start."""
+    return f"{cfg.start}+sft"
+
+
+def early_stopped(cfg: DemoConfig, stage: Stage) -> bool:
+    """--start sft-best: SFT-best itself and continued SFT are chosen epoch by epoch on validation."""
+    return cfg.start == "sft-best" and stage.method == "sft"
+
+
+def stage_config(cfg: DemoConfig, stage: Stage, model, base, data, validation, output):
     """The training config of a stage: the method's defaults, the run's model/data/seed, the task's
-    answer length and verifier where the method takes them, held-out monitoring where it has one,
-    and the stage's STAGE_EXTRAS."""
+    answer length and verifier where the method takes them, validation prompts (SFT's early
+    stopping; IRFT/SPIN report their implicit reward's margin on them each round), and the
+    stage's STAGE_EXTRAS (and continued SFT's learning rate)."""
     extras = {k: v for k, v in STAGE_EXTRAS.get(stage.method, {}).items() if k != "method"}
     cls = METHOD_CONFIGS[method_of(stage.method)]
     has = {f.name for f in dataclasses.fields(cls)}
-    options = {"max_new_tokens": cfg.new_tokens, "verifier": cfg.verifier_name,
-               # IRFT/SPIN report their implicit reward's margin on held-out prompts each round
-               "eval_data": str(test), "eval_size": 16}
+    options = {"max_new_tokens": cfg.new_tokens, "verifier": cfg.verifier_name, "eval_data": str(validation), "eval_size": 16}
+    if early_stopped(cfg, stage):
+        options.update(epochs=float(cfg.max_epochs), eval_size=cfg.validation_size, patience=2,
+                       **(CONTINUED_SFT if stage.start != "base" else {}))
+    elif cls is METHOD_CONFIGS["sft"]:  # --start sft: SFT runs its epochs, no early stopping
+        options = {}
     options = {k: v for k, v in options.items() if k in has}
     options.update({k: str(base) if v == BASE else v for k, v in extras.items()})
     return cls(model=str(model), data=str(data), output=str(output), seed=cfg.seed, resume=True, **options)
@@ -177,21 +210,24 @@ def corrupt(rows: list[dict], i: int, how: str, rng: random.Random) -> dict:
     return {**bad, "correct_answer": truth}
 
 
-def prepare_data(cfg: DemoConfig, out: Path) -> tuple[Path, Path]:
-    """The train and held-out files of the run: the task's first ``train_size`` / ``test_size``
-    rows. With ``low_quality_fraction``, that share of the training demonstrations are made
-    wrong the task's way (:func:`corrupt`), chosen by ``seed``. ``data/settings.json`` records
-    what made them; a later run into the same folder with other settings stops."""
+def prepare_data(cfg: DemoConfig, out: Path) -> tuple[Path, Path, Path]:
+    """The train, validation and held-out files of the run: the task's first ``train_size``
+    training rows, the ``validation_size`` clean rows after them, and the first ``test_size``
+    test rows. With ``low_quality_fraction``, that share of the training demonstrations are
+    made wrong the task's way (:func:`corrupt`), chosen by ``seed``. ``data/settings.json``
+    records what made them; a later run into the same folder with other settings stops (a
+    setting added since that run was made counts as its value then)."""
     data = files("sftjuice") / "demo_data"
     train, test, record = out / "data" / "train.jsonl", out / "data" / "test.jsonl", out / "data" / "settings.json"
+    validation = out / "data" / "validation.jsonl"
     settings = {"task": cfg.task, "train_size": cfg.train_size, "test_size": cfg.test_size, "seed": cfg.seed,
                 "low_quality_fraction": cfg.low_quality_fraction, "max_new_tokens": cfg.new_tokens,
-                "verifier": cfg.verifier_name, "model": cfg.model}
+                "verifier": cfg.verifier_name, "model": cfg.model, "validation_size": cfg.validation_size}
     if cfg.low_quality_fraction:  # which rows are wrong depends on the stream that picks them
         settings["low_quality_stream"] = "derive_seed(seed, 'low-quality')"
     if record.exists():
         old = json.loads(record.read_text())
-        differs = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+        differs = {k: (old.get(k), v) for k, v in settings.items() if old.get(k, v) != v}
         if differs:
             raise SftjuiceError(f"{out} holds a run with other settings ({', '.join(f'{k}: {a} there, {b} now' for k, (a, b) in differs.items())}); "
                                 "choose another output folder or delete it")
@@ -205,14 +241,16 @@ def prepare_data(cfg: DemoConfig, out: Path) -> tuple[Path, Path]:
             rows[i] = corrupt(rows, i, cfg.spec.low_quality, rng)
         write_jsonl(test, read_jsonl(data / f"{cfg.task}.test.jsonl")[: cfg.test_size])
         write_jsonl(train, rows)
+    if not validation.exists():  # (folders made before validation existed have the rest)
+        write_jsonl(validation, read_jsonl(data / f"{cfg.task}.train.jsonl")[cfg.train_size: cfg.train_size + cfg.validation_size])
         atomic_write_text(record, json.dumps(settings, indent=1))
-    return train, test
+    return train, validation, test
 
 
 def run_stages(cfg: DemoConfig) -> list[dict]:
     """Train and evaluate every stage (skipping finished ones); one result dict per stage."""
     out = Path(cfg.output)
-    train_file, test = prepare_data(cfg, out)
+    train_file, validation, test = prepare_data(cfg, out)
     test_demos = load_demonstrations(test)
     plan = stages(cfg)
     starts = {s.start for s in plan}
@@ -228,7 +266,7 @@ def run_stages(cfg: DemoConfig) -> list[dict]:
             done = (stage_dir / "final").exists() or (eval_file.exists() and timing.exists() and stage.name not in starts)
             if not done:
                 t0 = time.time()
-                train(stage_config(cfg, stage, models[stage.start], models["base"], train_file, test, stage_dir))
+                train(stage_config(cfg, stage, models[stage.start], models["base"], train_file, validation, stage_dir))
                 atomic_write_text(timing, json.dumps(time.time() - t0))
                 # checkpoints only serve to resume this stage (~1.6 GB each with optimiser state)
                 shutil.rmtree(stage_dir / "checkpoints", ignore_errors=True)
@@ -252,23 +290,59 @@ def run_demo(cfg: DemoConfig) -> None:
     report(cfg, Path(cfg.output), run_stages(cfg))
 
 
+def epochs_kept(stage_dir: Path) -> str:
+    """An early-stopped stage's "kept k of n" (validation accuracy at k), from its metrics."""
+    curve = [m for m in read_jsonl(stage_dir / "metrics.jsonl") if m.get("event") == "validation"]
+    if not curve:
+        return ""
+    best = max(curve, key=lambda e: (e["accuracy"], -e["epoch"]))
+    return f"{best['epoch']} of {len(curve)} (val {best['accuracy']:.0%})"
+
+
+def versus(results: list[dict], baseline: str) -> dict[str, Difference]:
+    """Each stage's accuracy minus the baseline's on the same test prompts: a paired bootstrap over prompts."""
+    base = next((r for r in results if r["stage"] == baseline), None)
+    if base is None:
+        return {}
+    return {r["stage"]: paired_bootstrap_difference([[float(c) for c in r["correct"]]], [[float(c) for c in base["correct"]]])
+            for r in results if r["stage"] != baseline}
+
+
+def verdict(d: Difference) -> str:
+    return "better" if d.low > 0 else "worse" if d.high < 0 else "within noise"
+
+
 def report(cfg: DemoConfig, out: Path, results: list[dict]) -> None:
+    baseline = baseline_of(cfg)
+    diffs = versus(results, baseline)
     rows = [{
         "stage": r["stage"],
         "accuracy": "{mean:.1%} [{low:.1%}, {high:.1%}]".format(**r["accuracy"]),
+        f"vs {baseline} [95%]": "baseline" if r["stage"] == baseline else "" if r["stage"] not in diffs else
+        "{:+.1f} [{:+.1f}, {:+.1f}] {}".format(*(100 * x for x in (diffs[r["stage"]].mean, diffs[r["stage"]].low,
+                                                                   diffs[r["stage"]].high)), verdict(diffs[r["stage"]])),
         "answer log-prob/token": "{:.3f} ± {:.3f}".format(r["answer_logprob"]["mean"], r["answer_logprob"]["high"] - r["answer_logprob"]["mean"]),
-        "log-prob gap": "{:.2f} ± {:.2f}".format(r["logprob_gap"]["mean"], r["logprob_gap"]["high"] - r["logprob_gap"]["mean"]),
+        "epoch kept": epochs_kept(out / r["stage"]) if r["stage"] != "base" else "",
         "train seconds": f"{r['train_seconds']:.0f}",
     } for r in results]
-    columns = list(rows[0])
+    columns = [c for c in rows[0] if c != "epoch kept" or any(row[c] for row in rows)]
     header = (f"sftjuice demo: {cfg.task}, {cfg.train_size} demonstrations"
               + (f" ({cfg.low_quality_fraction:.0%} low-quality)" if cfg.low_quality_fraction else "")
               + f", {cfg.test_size} held-out prompts, greedy decoding, verifier {cfg.verifier_name} (95% intervals)")
-    print("\n" + header + "\n\n" + text_table(rows, columns) + "\n")
-    atomic_write_text(out / "results.md", f"# {header}\n\n" + markdown_table(rows, columns)
-                      + "\nStages after `sft` start from the SFT model and see the demonstrations once more. "
-                        "Log-prob gap: log pi(reference answer) - log pi(the next held-out question's reference answer).\n")
-    write_json(out / "results.json", [{k: v for k, v in r.items() if k not in ("correct", "responses")} for r in results])
+    start = (f"Every method starts from `{cfg.start}`: SFT from the base model, validated on {cfg.validation_size} "
+             f"prompts after each epoch, best epoch kept (patience 2, at most {cfg.max_epochs}); `{baseline}` is "
+             "continued SFT from it, early-stopped the same way. " if cfg.start == "sft-best" else
+             "Stages after `sft` start from one SFT epoch and see the demonstrations once more. ")
+    note = (start + f"vs {baseline}: accuracy difference in points on the same prompts (paired bootstrap over prompts, "
+            "one seed); within noise when the interval holds 0. One seed cannot show seed variance: "
+            "benchmarks/plateau.py measures it.")
+    print("\n" + header + "\n\n" + text_table(rows, columns) + "\n\n" + note + "\n")
+    atomic_write_text(out / "results.md", f"# {header}\n\n" + markdown_table(rows, columns) + "\n" + note
+                      + " Log-prob gap (results.json, results.png): log pi(reference answer) - log pi(the next held-out "
+                        "question's reference answer).\n")
+    write_json(out / "results.json", [{k: v for k, v in r.items() if k not in ("correct", "responses")}
+                                      | ({"versus_baseline": vars(diffs[r["stage"]])} if r["stage"] in diffs else {})
+                                      for r in results])
     names = [r["stage"] for r in results]
     panels = [(label, [r[key]["mean"] for r in results], [(r[key]["low"], r[key]["high"]) for r in results])
               for label, key in (("held-out accuracy", "accuracy"), ("answer log-prob / token", "answer_logprob"),
