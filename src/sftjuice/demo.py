@@ -36,6 +36,7 @@ from .report import markdown_table, plot_bars, text_table, write_json
 from .stats import Difference, paired_bootstrap_difference
 from .storage import atomic_write_text, read_jsonl, write_jsonl
 from .verifiers import corrupt_steps, extract_answer
+from .algorithms.sft import best_of
 from .api import train
 
 log = logging.getLogger(__name__)
@@ -295,7 +296,7 @@ def epochs_kept(stage_dir: Path) -> str:
     curve = [m for m in read_jsonl(stage_dir / "metrics.jsonl") if m.get("event") == "validation"]
     if not curve:
         return ""
-    best = max(curve, key=lambda e: (e["accuracy"], -e["epoch"]))
+    best = best_of(curve)
     return f"{best['epoch']} of {len(curve)} (val {best['accuracy']:.0%})"
 
 
