@@ -143,6 +143,26 @@ def test_rso_runs_with_a_reward_model_and_its_output_loads(rso_run):
     assert steps[0]["margin"] == pytest.approx(0.0, abs=1e-4)  # pi_theta = pi_SFT, the reference, at first
 
 
+def test_a_round_without_pairs_trains_nothing_and_counts_its_skipped_steps(tmp_path, tiny_model_dir, reward_dir):
+    """At a temperature near 0 every candidate is the same response, so no prompt has a pair:
+    every step is skipped (logged, counted in the round's skipped_steps), and the weights stay
+    the starting model's."""
+    from transformers import AutoModelForCausalLM
+
+    data = write_jsonl(tmp_path / "demos.jsonl", sort_rows(16))
+    run_cli("train", "--method", "rso", "--model", tiny_model_dir, "--data", data, "--output", tmp_path / "o",
+            "--reward-model", reward_dir, *SMALL, "--temperature", "1e-6", "--learning-rate", "1e-3")
+    metrics = read_metrics(tmp_path / "o")
+    steps = [m for m in metrics if "event" not in m]
+    rounds = [m for m in metrics if m.get("event") == "round"]
+    assert steps and all(m["skipped"] == 1 and m["pairs"] == 0 and "loss" not in m for m in steps)
+    assert [r["pairs"] for r in rounds] == [0, 0] and [r["distinct_per_prompt"] for r in rounds] == [1, 1]
+    assert sum(r["skipped_steps"] for r in rounds) == len(steps) and all(r["loss"] is None for r in rounds)
+    start = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    final = AutoModelForCausalLM.from_pretrained(tmp_path / "o" / "final").state_dict()
+    assert all(torch.equal(start[k], final[k]) for k in start)
+
+
 def test_round_file_holds_scored_candidates_of_the_frozen_start(rso_run, tiny_model_dir, reward_dir, tokenizer):
     """Every round's candidates come from the starting model (the sampler's log-probs are its
     fresh log-probs, in round 1 too, after round 0 trained); the rewards are the reward model's;

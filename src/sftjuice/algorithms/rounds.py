@@ -173,15 +173,15 @@ def passes(run: Run, n_items: int, r: int, count: int, first: int = 0) -> list[t
 
 
 def train_steps(ctx: RoundContext, learner, items: list, batches: list[tuple[int, list[int]]], micro_loss, weight, *,
-                phase: str | None = None, extra=None, tally=None, skip_empty: bool = False, until: int | None = None,
+                phase: str | None = None, extra=None, tally=None, until: int | None = None,
                 checkpoints: bool = True) -> None:
     """The step loop every method runs on: one optimiser step per (pass, global batch of
     indices into ``items``). Steps a resumed run already took are counted, not run. Every
     step is logged (with ``extra(batch)``'s numbers) and counted by :meth:`Run.after_step`;
     a checkpoint inside the round (``--save-every``, a stop signal) records pi_t and
-    ``ctx.sums``. Options: ``tally(sums, items, stats)`` adds a finite step to ``ctx.sums``;
-    ``skip_empty``: a batch of ``weight`` 0 takes no step at all (AdamW would still move the
-    weights by momentum, and the schedule stays), counted in ``ctx.sums["skipped"]``;
+    ``ctx.sums``. A batch of ``weight`` 0 changes neither the weights nor AdamW's moments
+    (:meth:`Learner.step`; the schedule moves on) and is counted in ``ctx.sums["skipped"]``.
+    Options: ``tally(sums, items, stats)`` adds a step that trained to ``ctx.sums``;
     ``until``: the planned steps this phase had no batch for move the schedule on to it;
     ``checkpoints=False``: none inside this phase (RFT's reward pass)."""
     run, r = ctx.run, ctx.index
@@ -191,26 +191,24 @@ def train_steps(ctx: RoundContext, learner, items: list, batches: list[tuple[int
         if step <= ctx.state["step"]:
             continue
         chosen = [items[i] for i in batch]
-        if skip_empty and not weight(chosen):
+        t0 = time.time()
+        stats = learner.step(chosen, micro_loss, weight, length=len)
+        stats.update(extra(batch) if extra else {})
+        if stats.get("skipped") and not stats.get("nonfinite"):  # nothing to learn from
             ctx.sums["skipped"] = ctx.sums.get("skipped", 0) + 1
-            stats = {}
-        else:
-            t0 = time.time()
-            stats = learner.step(chosen, micro_loss, weight, length=len)
-            stats.update(extra(batch) if extra else {})
-            if tally and not stats.get("nonfinite"):  # a skipped step does not count in the round's means
-                ctx.sums = tally(ctx.sums, chosen, stats)
-            if step % run.cfg.log_every == 0 or step == ctx.end:
-                run.log_metrics({"step": step, "round": r, **({"phase": phase} if phase else {}), "pass": k, **stats,
-                                 "step_seconds": round(time.time() - t0, 3)})
-            ctx.bar.set_postfix(round=r, **{phase or "loss": f"{stats.get('loss', float('nan')):.4f}"})
+        elif tally and not stats.get("skipped"):  # a non-finite step does not count in the round's means
+            ctx.sums = tally(ctx.sums, chosen, stats)
+        if step % run.cfg.log_every == 0 or step == ctx.end:
+            run.log_metrics({"step": step, "round": r, **({"phase": phase} if phase else {}), "pass": k, **stats,
+                             "step_seconds": round(time.time() - t0, 3)})
+        ctx.bar.set_postfix(round=r, **{phase or "loss": f"{stats.get('loss', float('nan')):.4f}"})
         ctx.bar.update(1)
         if run.after_step(step, stats) and checkpoints and step != ctx.end:
             run.save_checkpoint({"step": step, "round": r, **({"round_policy": ctx.pi_t} if ctx.pi_t else {}),
                                  **({"round_sums": ctx.sums} if ctx.sums else {})})
     if until is not None and ctx.step < until:
         for _ in range(until - ctx.step):
-            learner.scheduler.step()
+            learner.advance_schedule()
         ctx.bar.update(until - ctx.step)
         ctx.step = until
 

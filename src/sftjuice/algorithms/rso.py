@@ -305,7 +305,7 @@ def train(cfg: RSOConfig, model=None, tokenizer=None, data=None) -> Path:
         items = pairs_of(rows, run.examples)
         # a global batch without a pair takes no step (every prompt of it drew one response)
         rounds.train_steps(ctx, policy, items, rounds.passes(run, len(items), r, cfg.passes), micro_loss, accepted_pairs_in,
-                           extra=lambda batch: {"pairs": accepted_pairs_in([items[i] for i in batch])}, tally=tally, skip_empty=True)
+                           extra=lambda batch: {"pairs": accepted_pairs_in([items[i] for i in batch])}, tally=tally)
         run.log_metrics({
             "step": ctx.end, "event": "round", "round": r, **rounds.sample_stats(rows), **selection_stats(rows, cfg.rejection_beta),
             **train_stats(ctx.sums), "generation_seconds": round(t1 - t0, 2), "train_seconds": round(time.time() - t1, 2),
