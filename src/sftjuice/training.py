@@ -23,6 +23,7 @@ import os
 import shutil
 import signal
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -105,6 +106,14 @@ class Learner:
         self.model, self.optimizer = acc.prepare(model, optimizer)
         acc.register_for_checkpointing(self.scheduler)
 
+    def advance_schedule(self) -> None:
+        """The schedule's next step. Also taken by a planned step that leaves the weights and
+        AdamW's moments as they are, for which torch's warning that no optimiser step came
+        first is expected."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+            self.scheduler.step()
+
     @property
     def unwrapped(self):
         """The bare model (no DDP wrapper), for sampling, scoring and saving."""
@@ -133,7 +142,7 @@ class Learner:
             mine = sorted(mine, key=length)
         total = acc.reduce(torch.tensor(float(weight(mine)), device=acc.device), "sum").item()
         if total == 0:  # nothing to learn from (e.g. every sample equals its demonstration): the
-            self.scheduler.step()  # schedule moves on, the weights and AdamW's moments do not
+            self.advance_schedule()  # schedule moves on, the weights and AdamW's moments do not
             return {"lr": self.scheduler.get_last_lr()[0], "skipped": 1}
         micro = chunks(mine, run.cfg.per_device_batch_size)
         sums: dict[str, torch.Tensor] = {}
@@ -157,7 +166,7 @@ class Learner:
         finite = math.isfinite(grad_norm) and math.isfinite(out.get("loss", 0.0))
         if finite:
             self.optimizer.step()
-        self.scheduler.step()
+        self.advance_schedule()
         self.optimizer.zero_grad(set_to_none=True)
         out["lr"] = self.scheduler.get_last_lr()[0]
         out["grad_norm"] = grad_norm
