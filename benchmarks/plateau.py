@@ -559,7 +559,7 @@ def report(args) -> None:
             plot_line_panels(args.results / f"{name}.png",
                              [("validation accuracy", "accuracy (%)", series), ("validation NLL", "NLL / token", nll)],
                              xlabel="SFT epoch", title=f"{task}: SFT-best curves", columns=2)
-        print(f"wrote {args.results / name}.md/.json" + (".png" if mine else ""))
+        print(f"wrote {args.results / name}.md/.json" + ("/.png" if mine else ""))
 
 
 def first_pass(work: Path, task: str) -> list[dict]:
