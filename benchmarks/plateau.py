@@ -134,19 +134,17 @@ class Validator:
 
     def __call__(self, model, chat) -> dict:
         import torch
-        from sftjuice.evaluation import answer_logprobs, greedy_responses, question, reference_answer
+        from sftjuice.evaluation import held_out_scores
         from sftjuice.verifiers import load_verifier
 
         was_training = model.training
         model.eval()
         t0 = time.time()
         with torch.no_grad():
-            responses = greedy_responses(model, chat, self.demos, self.max_new_tokens)
-            per_token = answer_logprobs(model, chat, self.demos)
+            scores = held_out_scores(model, chat, self.demos, load_verifier(self.verifier), self.max_new_tokens)
         model.train(was_training)
-        verify = load_verifier(self.verifier)
-        correct = [verify(question(d), r, reference_answer(d)) >= 0.5 for r, d in zip(responses, self.demos)]
-        return {"accuracy": sum(correct) / len(correct), "nll": -statistics.fmean(per_token),
+        correct = [ok for _, ok in scores]
+        return {"accuracy": sum(correct) / len(correct), "nll": statistics.fmean(nll for nll, _ in scores),
                 "correct": correct, "seconds": round(time.time() - t0, 1)}
 
 

@@ -219,6 +219,17 @@ def question(d: Demonstration) -> str:
     return next((m["content"] for m in reversed(d.prompt) if m["role"] == "user"), "")
 
 
+def held_out_scores(model, chat: ChatFormat, demos: list[Demonstration], verify=None, max_new_tokens: int = 128,
+                    bf16: bool = False) -> list[tuple[float, bool | None]]:
+    """(the reference answer's per-token NLL, whether ``verify`` accepts the greedy answer, or
+    None without a verifier) for each held-out demonstration: what early stopping judges."""
+    nll = [-lp for lp in answer_logprobs(model, chat, demos)]
+    if verify is None:
+        return [(x, None) for x in nll]
+    answers = greedy_responses(model, chat, demos, max_new_tokens, bf16=bf16)
+    return [(x, verify(question(d), a, reference_answer(d)) >= 0.5) for x, a, d in zip(nll, answers, demos)]
+
+
 def same_tokenizer(a, b) -> bool:
     return a.get_vocab() == b.get_vocab() and a.chat_template == b.chat_template
 

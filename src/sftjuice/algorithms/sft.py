@@ -54,23 +54,15 @@ def completion_tokens(items: list[Example]) -> int:
 def judge(run: Run, demos: list[Demonstration]) -> dict:
     """The policy on the held-out demonstrations, each process judging its share: the reference
     answers' mean per-token NLL, and with ``--verifier`` the share of greedy answers it accepts."""
-    from ..evaluation import answer_logprobs, greedy_responses, question, reference_answer
+    from ..evaluation import held_out_scores
     from ..verifiers import load_verifier
 
     cfg, model = run.cfg, run.policy
     verify = load_verifier(cfg.verifier) if cfg.verifier else None
-
-    def judged(share: list[Demonstration]) -> list[tuple[float, bool | None]]:
-        per_token = answer_logprobs(model, run.chat, share)
-        if verify is None:
-            return [(-lp, None) for lp in per_token]
-        answers = greedy_responses(model, run.chat, share, cfg.max_new_tokens, bf16=run.bf16)
-        return [(-lp, verify(question(d), a, reference_answer(d)) >= 0.5) for lp, a, d in zip(per_token, answers, share)]
-
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        results = run.map_sharded(demos, judged)
+        results = run.map_sharded(demos, lambda share: held_out_scores(model, run.chat, share, verify, cfg.max_new_tokens, run.bf16))
     model.train(was_training)
     record = {"nll": statistics.fmean(nll for nll, _ in results)}
     if verify is not None:
