@@ -30,10 +30,13 @@ class SftjuiceError(Exception):
     """A problem the user can fix (bad input, bad option). Reported in one line, no traceback."""
 
 
-def option(default, help: str, *, gt=None, ge=None, le=None, lt=None, alias: str | None = None):
-    """A field with its help text, allowed range (``gt``/``ge``/``le``/``lt``) and another flag
-    name (``alias``, e.g. the name a paper uses)."""
-    meta = {"help": help, **{k: v for k, v in dict(gt=gt, ge=ge, le=le, lt=lt, alias=alias).items() if v is not None}}
+def option(default, help: str, *, gt=None, ge=None, le=None, lt=None, alias: str | None = None,
+           chosen: str | None = None):
+    """A field with its help text, allowed range (``gt``/``ge``/``le``/``lt``), another flag
+    name (``alias``, e.g. the name a paper uses) and where its default comes from (``chosen``,
+    shown after the default in --help)."""
+    meta = {"help": help, **{k: v for k, v in dict(gt=gt, ge=ge, le=le, lt=lt, alias=alias, chosen=chosen).items()
+                             if v is not None}}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -46,8 +49,18 @@ class _Narrowed(typing.NamedTuple):
 
 def _narrowed(default, **changes) -> _Narrowed:
     """A ``_defaults`` entry that also narrows the option's range (``gt``/``ge``/``le``/``lt``)
-    or adds an ``alias``."""
+    or adds an ``alias`` or a ``chosen``."""
     return _Narrowed(default, changes)
+
+
+PLATEAU_RESULTS = "benchmarks/results/quality-plateau-<task>.md"
+
+
+def _tuned(default, **by_task) -> _Narrowed:
+    """A default the plateau benchmark chose on validation (issue 25), with each task's choice
+    (task=value), which --help shows beside it: where the tasks disagree, the user sees both."""
+    choices = ", ".join(f"{task} {value}" for task, value in by_task.items())
+    return _Narrowed(default, {"chosen": f"chosen on validation by the plateau benchmark: {choices}; {PLATEAU_RESULTS}"})
 
 
 def config(cls):
@@ -227,8 +240,11 @@ class SFTConfig(EpochsConfig, TrainConfig):
                                   "module:function) and keep the most accurate epoch (equal ones: the lower NLL); none: the epoch of lowest "
                                   "per-token NLL of the held-out demonstrations")
     max_new_tokens: int = option(128, "with --verifier: longest greedy answer, in tokens", ge=1)
-    # defaults this method changes
-    _defaults = dict(method="sft")
+    # defaults this method changes; the learning rate is SFT's from a pretrained model (from an
+    # SFT-trained one, continued SFT, the plateau benchmark chose lower ones)
+    _defaults = dict(method="sft", learning_rate=_narrowed(5e-5, chosen=(
+        "continued SFT from an SFT-trained model: the plateau benchmark chose numbers__round_number 2e-05, "
+        f"multistep_arithmetic 5e-06 on validation; {PLATEAU_RESULTS}")))
 
     def check(self) -> None:
         super().check()
@@ -277,8 +293,10 @@ class PairConfig(PairLossConfig, OnlineConfig):
 @config
 class IRFTConfig(RoundsConfig, PairConfig):
     """IRFT (Algorithm 2): T generation rounds per epoch, K passes of the pair loss each."""
-    # defaults this method changes
-    _defaults = dict(method="irft")
+    # defaults this method changes: the plateau benchmark's IRFT (T=2, the demonstration's NLL
+    # term, which Pang et al. 2024 found crucial), at the learning rate it chose
+    _defaults = dict(method="irft", rounds=2, sft_weight=1.0,
+                     learning_rate=_tuned(2e-6, numbers__round_number=2e-6, multistep_arithmetic=2e-6))
 
 
 @config
@@ -304,8 +322,9 @@ class RFTConfig(PolicyGradientConfig):
     reward_l2: float = option(0.0, "L2 penalty on the reward values of each pair, bounds the linear loss", ge=0)
     reward_model: str | None = option(None, "reward model's starting point (HF directory); default: the policy's starting model")
     reward_learning_rate: float = option(2e-5, "reward model's peak learning rate (AdamW, same schedule as the policy's; 0 keeps the reward fixed)", ge=0)
-    # defaults this method changes
-    _defaults = dict(method="rft")
+    # defaults this method changes: the plateau benchmark's RFT (T=2) at the learning rate it
+    # chose (it ran RFT on numbers__round_number only: ~7 SFT epochs' time a trial)
+    _defaults = dict(method="rft", rounds=2, learning_rate=_tuned(2e-6, numbers__round_number=2e-6))
 
     def check(self) -> None:
         super().check()
@@ -551,7 +570,8 @@ def _parser(cls, prog: str):
         tri_state = "true" in _types(cls)[f.name][1]
         extra = {"nargs": "?", "const": "true"} if kind is bool or tri_state else {"nargs": "+"} if kind is list else {}
         parser.add_argument(*names, dest=f.name, metavar=f.name.upper() if kind is not bool else None,
-                            help=f"{f.metadata.get('help', '')} ({bounds + '; ' if bounds else ''}default: {default})", **extra)
+                            help=f"{f.metadata.get('help', '')} ({bounds + '; ' if bounds else ''}default: {default})"
+                                 + (f" [{f.metadata['chosen']}]" if "chosen" in f.metadata else ""), **extra)
     return parser
 
 
