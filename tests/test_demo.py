@@ -100,6 +100,8 @@ def test_stages_start_from_sft_best_and_continued_sft_is_early_stopped(tmp_path)
         assert (c.eval_data, c.eval_size, c.verifier, c.epochs, c.patience) == ("val.jsonl", 64, "exact", 5.0, 2)
     assert best.learning_rate == 5e-5 and more.learning_rate == 2e-5  # SFT's default; continued SFT's tuned rate
     assert irft.eval_data == "val.jsonl" and irft.epochs == 1.0  # IRFT's margins on validation rows, never test rows
+    multistep = DemoConfig(output=str(tmp_path), task="multistep_arithmetic", methods=["sft"])
+    assert stage_config(multistep, stages(multistep)[2], "m", "b", "t", "v", tmp_path / "y").learning_rate == 5e-6
 
     old = DemoConfig(output=str(tmp_path), methods=["sft", "sft3"], start="sft")
     plan = stages(old)

@@ -45,16 +45,19 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Task:
     """What a demo task needs besides its files: the longest answer to sample or judge, its
-    verifier, and how a low-quality demonstration is made."""
+    verifier, how a low-quality demonstration is made, and continued SFT's learning rate from
+    SFT-best (the plateau benchmark's choice on the task's validation prompts,
+    benchmarks/results/quality-plateau-<task>.md; round_number's where it did not run)."""
     max_new_tokens: int
     verifier: str = "exact"
     low_quality: str = "swap"  # swap: another question's answer; steps: a wrong step carried through (corrupt_steps)
+    continued_sft_lr: float = 2e-5  # round_number: 2e-5 over 5e-6
 
 
 DEFAULT_TASK = Task(max_new_tokens=16)  # mathematics_dataset answers take at most 11 tokens
 # multistep_arithmetic's worked answers take 36 tokens (median) to 57 (longest) with the end of turn;
 # 48 would cut ~10% of the held-out references before their "Answer:" line
-TASKS: dict[str, Task] = {"multistep_arithmetic": Task(max_new_tokens=64, low_quality="steps")}
+TASKS: dict[str, Task] = {"multistep_arithmetic": Task(max_new_tokens=64, low_quality="steps", continued_sft_lr=5e-6)}
 
 BASE = "<base>"  # in STAGE_EXTRAS: the demo's --model, resolved to its directory
 # The stages' options beyond each method's defaults, by name in --methods; "method" makes a
@@ -87,11 +90,6 @@ def registered_methods() -> list[str]:
     from .algorithms import METHODS
 
     return [m for m in METHOD_CONFIGS if m in METHODS]
-
-
-# Continued SFT from SFT-best: the learning rate the plateau benchmark chose on round_number
-# (benchmarks/results/quality-plateau-numbers__round_number.md: 2e-5 over 5e-6)
-CONTINUED_SFT = {"learning_rate": 2e-5}
 
 
 @dataclass
@@ -185,7 +183,7 @@ def stage_config(cfg: DemoConfig, stage: Stage, model, base, data, validation, o
     options = {"max_new_tokens": cfg.new_tokens, "verifier": cfg.verifier_name, "eval_data": str(validation), "eval_size": 16}
     if early_stopped(cfg, stage):
         options.update(epochs=float(cfg.max_epochs), eval_size=cfg.validation_size, patience=2,
-                       **(CONTINUED_SFT if stage.start != "base" else {}))
+                       **({"learning_rate": cfg.spec.continued_sft_lr} if stage.start != "base" else {}))
     elif cls is METHOD_CONFIGS["sft"]:  # --start sft: SFT runs its epochs, no early stopping
         options = {}
     options = {k: v for k, v in options.items() if k in has}
