@@ -8,6 +8,7 @@ each epoch, keeping the best epoch (patience 2). The protocol runs in stages of 
 about an hour, each resumable after a kill and committed when it ends:
 
   sft-best   SFT-best per (task, seed), fp32; on seed 0 also bf16 autocast (precision check)
+  precision-speed  a training step's seconds in fp32 and bf16, alone and alternated, every task
   (tune)     trials on the validation split, seed 0, the same count for every arm   [to come]
   (arms)     every arm from SFT-best, 3 seeds, judged on the held-out prompts          [to come]
 
@@ -238,11 +239,64 @@ def sft_best(work: Path, task: str, seed: int, precision: str, model: str) -> di
     return result
 
 
-# the precision check runs on the first task only: bf16 autocast training took 31-39 s a step
-# there against 2-6 s in fp32 on this machine (avx512_bf16, shared by other runs), so a
-# multistep bf16 SFT-best (longer sequences) would cost hours to confirm what the first shows
+# the accuracy side of the precision check runs on the first task only: its bf16 SFT-best took
+# 27-43 s a step against fp32's 2.5, which looked like hours for a multistep bf16 SFT-best. Those
+# seconds were the load's (other runs shared the 2 cores): the precision-speed stage times both
+# precisions alone, alternated, on every task.
 PRECISION_TASKS = ("numbers__round_number",)
-BF16_EPOCHS = 3  # and for the same reason the bf16 run stops here: epochs 1-3 against fp32's, same schedule
+BF16_EPOCHS = 3  # the bf16 run stops here: epochs 1-3 against fp32's, same schedule
+
+
+# ------------------------------------------------------------------------ precision speed
+
+SPEED_STEPS = 6  # SFT steps a timing run; the first is left out (warm-up)
+SPEED_REPEATS = 2
+
+
+def precision_speed(work: Path, model: str) -> dict:
+    """Seconds a training step in fp32 and in bf16 autocast: SFT from the base model on each
+    task's seed-0 demonstrations at SFT-best's 8 prompts a step, the precisions alternated
+    (fp32, bf16, fp32, bf16) so a drifting load weighs on both alike. Run it with the machine
+    otherwise idle (the load average before and after each run is kept): the SFT-best units'
+    own seconds cannot say this, other runs shared the cores while they ran."""
+    from sftjuice import SFTConfig, train
+    from sftjuice.storage import atomic_write_text
+
+    runs = []
+    for task in TASKS:
+        data = train_file(work, task, 0)
+        for repeat in range(SPEED_REPEATS):
+            for precision in ("fp32", "bf16"):
+                out = work / "precision-speed" / f"{task}-{precision}-{repeat}"
+                load_before = os.getloadavg()[0]
+                train(SFTConfig(model=model, data=str(data), output=str(out), seed=0, overwrite=True,
+                                epochs=SPEED_STEPS * 8 / TRAIN_SIZE, bf16="true" if precision == "bf16" else "false"))
+                steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:SPEED_STEPS]
+                runs.append({"task": task, "precision": precision, "repeat": repeat, "steps": len(steps),
+                             "seconds_per_step": statistics.median(m["step_seconds"] for m in steps),
+                             "load_before": round(load_before, 2), "load_after": round(os.getloadavg()[0], 2)})
+                logging.info("%s %s repeat %d: %.2f s a step", task, precision, repeat, runs[-1]["seconds_per_step"])
+                shutil.rmtree(out)
+    result = {"runs": runs, "steps_timed": SPEED_STEPS - 1, "prompts_per_step": 8, "cpus": os.cpu_count(),
+              "date": time.strftime("%Y-%m-%d")}
+    atomic_write_text(work / "precision-speed.json", json.dumps(result, indent=1))
+    return result
+
+
+def precision_speed_rows(work: Path, task: str) -> list[dict]:
+    path = work / "precision-speed.json"
+    runs = [r for r in json.loads(path.read_text())["runs"] if r["task"] == task] if path.exists() else []
+    return [{"precision": r["precision"], "repeat": r["repeat"], "s/step (median)": f"{r['seconds_per_step']:.2f}",
+             "steps timed": r["steps"], "load before, after": f"{r['load_before']:.1f}, {r['load_after']:.1f}"}
+            for r in runs]
+
+
+def speed_ratio(work: Path, task: str) -> float | None:
+    """bf16's seconds a step over fp32's, medians over the repeats, from the precision-speed stage."""
+    path = work / "precision-speed.json"
+    runs = [r for r in json.loads(path.read_text())["runs"] if r["task"] == task] if path.exists() else []
+    per = {p: [r["seconds_per_step"] for r in runs if r["precision"] == p] for p in ("fp32", "bf16")}
+    return statistics.median(per["bf16"]) / statistics.median(per["fp32"]) if all(per.values()) else None
 
 
 def sft_best_units(seeds: int) -> list[tuple[str, int, str]]:
@@ -448,21 +502,26 @@ def precision_rows(done: list[dict]) -> list[dict]:
     return rows
 
 
-def precision_verdict(done: list[dict]) -> str:
-    """What the precision check decides, in words: bf16 only if it is faster and its best
-    validation accuracy over the epochs both ran is within noise of fp32's."""
+def precision_verdict(done: list[dict], alone_ratio: float | None) -> str:
+    """What the precision check decides, in words: bf16 only if it is faster (timed alone, where
+    the precision-speed stage ran) and its best validation accuracy over the epochs both ran is
+    within noise of fp32's."""
     pair = {d["precision"]: d for d in done if d["seed"] == 0}
     n = min(len(pair["fp32"]["curve"]), len(pair["bf16"]["curve"]))
     best = {p: max(e["accuracy"] for e in pair[p]["curve"][:n]) for p in pair}
-    per_step = {p: pair[p]["train_seconds"] / pair[p]["steps"] for p in pair}
+    shared = pair["bf16"]["train_seconds"] / pair["bf16"]["steps"] / (pair["fp32"]["train_seconds"] / pair["fp32"]["steps"])
+    ratio = shared if alone_ratio is None else alone_ratio
     prompts = VALIDATION[1] - VALIDATION[0]
     noise = 1.96 * (2 * best["fp32"] * (1 - best["fp32"]) / prompts) ** 0.5  # two independent proportions
-    faster = per_step["bf16"] < per_step["fp32"]
     close = abs(best["bf16"] - best["fp32"]) <= noise
-    return (f"bf16 autocast took {per_step['bf16'] / per_step['fp32']:.1f}x fp32's seconds a training step (both while "
-            f"other runs shared the machine); best validation accuracy over epochs 1-{n}: fp32 {best['fp32']:.1%}, bf16 "
-            f"{best['bf16']:.1%} ({'within' if close else 'outside'} ±{noise:.1%}, two independent proportions). "
-            f"The benchmark runs in **{'bf16' if faster and close else 'fp32'}**.\n")
+    timing = (f"In the SFT-best runs above bf16 autocast took {shared:.1f}x fp32's seconds a training step, but other "
+              "runs shared the machine then" + (f"; timed alone and alternated (below) it takes {alone_ratio:.2f}x"
+                                                if alone_ratio is not None else " (the precision-speed stage has not run)"))
+    return (f"{timing}. Best validation accuracy over epochs 1-{n}: fp32 {best['fp32']:.1%}, bf16 {best['bf16']:.1%} "
+            f"({'within' if close else 'outside'} ±{noise:.1%}, two independent proportions). "
+            + ("bf16 is faster here and within noise: **the better choice on this machine**. " if ratio < 1 and close
+               else "**fp32 stays**: bf16 is " + ("slower here" if ratio >= 1 else "outside noise") + ". ")
+            + "The benchmark runs in fp32 throughout (chosen before the alone timing), so every arm compares alike.\n")
 
 
 def report(args) -> None:
@@ -508,9 +567,19 @@ def report(args) -> None:
         if rows:
             lines += [markdown_table(rows, list(rows[0]))]
             print(f"\n{task}: SFT-best\n" + text_table(rows, list(rows[0])))
-        prec = precision_rows(mine)
+        prec, speed = precision_rows(mine), precision_speed_rows(args.work, task)
+        if prec or speed:
+            lines += ["## Precision: bf16 autocast against fp32", ""]
         if prec:
-            lines += ["## Precision (seed 0, validation)", "", markdown_table(prec, list(prec[0])), precision_verdict(mine)]
+            lines += ["Seed 0's SFT-best in each precision, on validation:", "", markdown_table(prec, list(prec[0])),
+                      precision_verdict(mine, speed_ratio(args.work, task))]
+        elif task not in PRECISION_TASKS and speed:
+            lines += [f"The accuracy side of the check ran on {', '.join(PRECISION_TASKS)} only (its results file); "
+                      "here, the speed side.", ""]
+        if speed:
+            lines += [f"Seconds a training step, alone on the machine ({SPEED_STEPS - 1} SFT steps of 8 prompts timed "
+                      "after one warm-up step, from the base model, the precisions alternated; `--stage precision-speed`): "
+                      f"bf16 takes **{speed_ratio(args.work, task):.2f}x** fp32's.", "", markdown_table(speed, list(speed[0]))]
         first = first_pass(args.work, task)
         if first:
             lines += ["## First pass (seed 0, validation): pruned the grid", "",
@@ -727,9 +796,10 @@ def estimate(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stage", choices=["sft-best", "arms"],
-                    help="run (or resume) a stage, then report: sft-best, or arms (the tuning trials on seed 0, "
-                         "then the chosen trial of every arm on every seed, judged on the test prompts)")
+    ap.add_argument("--stage", choices=["sft-best", "arms", "precision-speed"],
+                    help="run (or resume) a stage, then report: sft-best, arms (the tuning trials on seed 0, "
+                         "then the chosen trial of every arm on every seed, judged on the test prompts), or "
+                         "precision-speed (a training step's seconds in fp32 and bf16, alternated: run it alone, ~10 min)")
     ap.add_argument("--arms", nargs="+", choices=list(ARMS), help="default: each task's TASK_ARMS")
     ap.add_argument("--estimate", action="store_true", help="print the stages and their minutes, then exit")
     ap.add_argument("--report", action="store_true", help="rewrite the results files from what has run")
@@ -754,6 +824,8 @@ def main() -> None:
                 break
             print(f"== sft-best {task} seed {seed} {precision}", flush=True)
             sft_best(args.work, task, seed, precision, args.model)
+    if args.stage == "precision-speed":
+        precision_speed(args.work, args.model)
     if args.stage == "arms":
         started = time.time()  # one budget for the whole call, not one a task
         for task in args.tasks:
