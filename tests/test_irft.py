@@ -178,8 +178,9 @@ def test_a_linear_loss_round_raises_demonstrations_and_lowers_samples(wrong_task
 
 @pytest.mark.slow
 def test_spin_equals_irft_with_matching_settings(tiny_model_dir, demo_file, tmp_path):
-    # without --epochs; the NLL term set for both (their defaults differ)
-    common = ["--model", tiny_model_dir, "--data", demo_file, *IRFT[2:], "--passes", "1", "--sft-weight", "0.5"]
+    # without --epochs; the NLL term and the previous round's samples set for both (SPIN's defaults keep them)
+    common = ["--model", tiny_model_dir, "--data", demo_file, *IRFT[2:], "--passes", "1", "--sft-weight", "0.5",
+              "--keep-previous-round", "false"]
     run_cli("train", "--method", "spin", "--iterations", "2", *common, "--output", tmp_path / "spin")
     run_cli("train", "--method", "irft", *common, "--rounds", "1", "--epochs", "2", "--output", tmp_path / "irft")
     assert_same_weights(tmp_path / "spin/final", tmp_path / "irft/final")

@@ -303,8 +303,10 @@ class IRFTConfig(RoundsConfig, PairConfig):
 class SPINConfig(PairConfig):
     """SPIN (Chen et al. 2024): IRFT with one generation round over the whole data per iteration."""
     iterations: int = option(1, "generation rounds over the whole data", ge=1)
-    # defaults this method changes
-    _defaults = dict(method="spin")
+    # defaults this method changes: the plateau benchmark's SPIN (the previous iteration's
+    # samples kept, SPIN's practice; the demonstration's NLL term), at the learning rate it chose
+    _defaults = dict(method="spin", keep_previous_round=True, sft_weight=1.0,
+                     learning_rate=_tuned(2e-6, numbers__round_number=2e-6, multistep_arithmetic=2e-6))
 
     @property
     def rounds(self) -> int:
