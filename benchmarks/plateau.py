@@ -691,6 +691,8 @@ def arm_tables(args, task: str) -> tuple[list[dict], list[dict]]:
                                       + " ".join(f"{statistics.fmean(x):.1%}" for x in scores) + ")"}
         row[f"diff vs {BASELINE} [95%]"], row["width"] = versus(name, BASELINE)
         row[f"diff vs {START} [95%]"], _ = versus(name, START)
+        if name in VERIFIER_ARMS and VERIFIER_FLOOR in seeds:
+            row[f"diff vs {VERIFIER_FLOOR} [95%]"], _ = versus(name, VERIFIER_FLOOR)
         if name == START:
             out.append(row)
             continue
@@ -714,6 +716,8 @@ def arm_tables(args, task: str) -> tuple[list[dict], list[dict]]:
 
 
 DEMONSTRATION_ONLY = ("irft", "spin", "rft")  # the goal: one of these beats continued SFT
+VERIFIER_ARMS = ("steps", "steps-response")  # ... and on the noisy task one of these beats rest
+VERIFIER_FLOOR = "rest"
 
 
 def verdict_text(rows: list[dict]) -> str:
@@ -732,6 +736,14 @@ def verdict_text(rows: list[dict]) -> str:
             + (f"Demonstration-only arms whose interval excludes 0 above: {', '.join(wins)}. " if wins else
                "No demonstration-only arm (irft, spin, rft) that ran beats continued SFT with an interval excluding 0. ")
             + (f"Widest interval: {max(widths):.1f} points (target: at most 8, i.e. ±4)." if widths else ""))
+    floor = f"diff vs {VERIFIER_FLOOR} [95%]"
+    against = {a: done[a][floor] for a in VERIFIER_ARMS if a in done and done[a].get(floor)}
+    if against:
+        beat = [a for a, d in against.items() if d.endswith("better")]
+        text += (f" Against {VERIFIER_FLOOR} (positive-only self-training with the same verifier): "
+                 + "; ".join(f"{a} {d}" for a, d in against.items()) + ". "
+                 + (f"Verifier arms whose interval excludes 0 above {VERIFIER_FLOOR}: {', '.join(beat)}." if beat else
+                    f"No verifier arm beats {VERIFIER_FLOOR} with an interval excluding 0."))
     return text
 
 
