@@ -577,7 +577,8 @@ def report(args) -> None:
             lines += [f"The accuracy side of the check ran on {', '.join(PRECISION_TASKS)} only (its results file); "
                       "here, the speed side.", ""]
         if speed:
-            lines += [f"Seconds a training step, alone on the machine ({SPEED_STEPS - 1} SFT steps of 8 prompts timed "
+            lines += [f"Seconds a training step, alone on the machine (the load average counts the run's own threads; "
+                      f"{SPEED_STEPS - 1} SFT steps of 8 prompts timed "
                       "after one warm-up step, from the base model, the precisions alternated; `--stage precision-speed`): "
                       f"bf16 takes **{speed_ratio(args.work, task):.2f}x** fp32's.", "", markdown_table(speed, list(speed[0]))]
         first = first_pass(args.work, task)
