@@ -102,7 +102,8 @@ ADDED_SINCE = {"reward_tokens": "all",  # srppo, rso: the implicit reward over e
 TUNED_SINCE = {"irft": {"learning_rate": 2e-6, "rounds": 2, "sft_weight": 1.0},
                "rft": {"learning_rate": 2e-6, "rounds": 2},
                "spin": {"learning_rate": 2e-6, "keep_previous_round": True, "sft_weight": 1.0},
-               "rest": {"learning_rate": 2e-6, "rounds": 2}}
+               "rest": {"learning_rate": 2e-6, "rounds": 2},
+               "steps": {"learning_rate": 2e-6, "rounds": 2, "sft_weight": 1.0}}
 
 
 @pytest.mark.parametrize("method", sorted(BEFORE_RENAMES))

@@ -109,7 +109,7 @@ def test_round_file_holds_rollouts_values_and_pits(lined_model_dir, multistep_fi
     (tmp_path / "steps_parity.py").write_text(VERIFIERS)
     out = tmp_path / "o"
     cfg = StepsConfig(model=str(lined_model_dir), data=str(multistep_file), output=str(out), rounds=2, epochs=0.5,
-                      max_new_tokens=24, rollouts=2, verifier="steps_parity:parity")
+                      max_new_tokens=24, rollouts=2, verifier="steps_parity:parity", sft_weight=0.0)  # the bare DPO loss
     train(cfg)
     scope: dict = {}
     exec(VERIFIERS, scope)

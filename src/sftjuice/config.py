@@ -375,9 +375,10 @@ class StepsConfig(PairLossConfig, VerifiedConfig):
     value: Literal["any", "mean"] = option("any", "a prefix's value from its rollouts: any verifies (the paper's) or their mean score")
     credit: Literal["step", "response"] = option(
         "step", "step: the negative is cut after its first pit; response: the whole wrong solution (no rollouts)")
-    sft_weight: float = option(0.0, "add this weight times the verified positive's per-token NLL to each pair's loss", ge=0)
-    # defaults this method changes
-    _defaults = dict(method="steps")
+    sft_weight: float = option(1.0, "add this weight times the verified positive's per-token NLL to each pair's loss", ge=0)
+    # defaults this method changes: the plateau benchmark's steps arm (T=2, the positive's NLL
+    # term) at the learning rate it chose (it ran on multistep_arithmetic only: the noisy task)
+    _defaults = dict(method="steps", rounds=2, learning_rate=_tuned(2e-6, multistep_arithmetic=2e-6))
 
 
 @config
