@@ -618,7 +618,8 @@ def report(args) -> None:
             "stages": {"sft-best": {f"seed{s}-{p}": (t, s, p) in ran for t, s, p in planned if t == task}},
             "arms": {n: {"method": a.method, "fixed": a.fixed, "trials": a.trials, "max_epochs": a.max_epochs}
                      for n, a in ARMS.items() if n in arms_of(args, task)},
-            "sft_best": mine, "trials": trials, "results": arm_results})
+            "sft_best": mine, "trials": trials, "results": arm_results,
+            "precision_speed": {"runs": speed, "bf16_over_fp32": speed_ratio(args.work, task)}})
         if mine:
             series = [(f"seed {d['seed']} {d['precision']}", [e["epoch"] for e in d["curve"]],
                        [100 * e["accuracy"] for e in d["curve"]], None) for d in mine]
