@@ -9,6 +9,7 @@ about an hour, each resumable after a kill and committed when it ends:
 
   sft-best   SFT-best per (task, seed), fp32; on seed 0 also bf16 autocast (precision check)
   precision-speed  a training step's seconds in fp32 and bf16, alone and alternated, every task
+  restore    a fresh machine: rebuild the work folder from the committed results files
   (tune)     trials on the validation split, seed 0, the same count for every arm   [to come]
   (arms)     every arm from SFT-best, 3 seeds, judged on the held-out prompts          [to come]
 
@@ -291,6 +292,11 @@ def precision_speed_rows(work: Path, task: str) -> list[dict]:
             for r in runs]
 
 
+def precision_speed_raw(work: Path) -> list[dict]:
+    path = work / "precision-speed.json"
+    return json.loads(path.read_text())["runs"] if path.exists() else []
+
+
 def speed_ratio(work: Path, task: str) -> float | None:
     """bf16's seconds a step over fp32's, medians over the repeats, from the precision-speed stage."""
     path = work / "precision-speed.json"
@@ -475,7 +481,192 @@ def run_arms(args, task: str, started: float) -> None:
                                                    .read_text())["best_epoch"]  # trained: >= 1
         print(f"== arm {task} {name} seed {seed} (trial {chosen}" + (f", {epochs} epochs)" if seed else ")"), flush=True)
         run_arm(args.work, task, seed, name, chosen, epochs)
+        if seed == 0:  # a tuning run restored from the results file has no model yet
+            replay_chosen(args.work, task, name, chosen)
         test_eval(args.work, task, seed, name)
+
+
+# ------------------------------------------------------------------------ restore
+#
+# The work folder (models, curves, test answers) lives outside git; a fresh machine starts
+# without it. `--stage restore` rebuilds a task's folder from its committed results file:
+# what only records (seed 0's tuning trials, the precision timings) is copied back, and the
+# models the remaining units start from are retrained. SFT-best retrains the recorded schedule
+# to the recorded best epoch, its validation NLL checked against the recorded curve after every
+# epoch (a fingerprint of the weights) and its accuracy at the best epoch; each arm's chosen
+# trial on seed 0 retrains when the arms stage reaches it (replay_chosen). A unit whose
+# fingerprint differs keeps what the replay measured, and the report says so.
+
+REPRODUCED_NLL = 1e-3  # |replayed - recorded| validation NLL/token counted as the same weights
+
+
+def recorded(results: Path, task: str) -> dict:
+    path = results / f"quality-plateau-{task}.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def validation_nll(validate: Validator, model_dir: Path) -> float:
+    """The reference answers' mean NLL/token on validation, without decoding: Validator's ``nll``."""
+    import torch
+    from sftjuice.config import ModelConfig
+    from sftjuice.evaluation import answer_logprobs, load_judged
+
+    model, chat = load_judged(model_dir, ModelConfig())
+    with torch.no_grad():
+        return statistics.fmean(-lp for lp in answer_logprobs(model, chat, validate.demos))
+
+
+def restore_sft_best(work: Path, task: str, record: dict, model: str) -> dict:
+    """Retrain a recorded SFT-best unit to its best epoch (see the section comment)."""
+    from sftjuice.algorithms.sft import train
+    from sftjuice.config import SFTConfig
+    from sftjuice.models import save_model
+    from sftjuice.storage import atomic_write_text
+
+    seed, precision, best = record["seed"], record["precision"], record["best_epoch"]
+    unit = work / task / f"seed{seed}" / f"sft-best-{precision}"
+    done_file, checks_file = unit / "done.json", unit / "replay.json"
+    if done_file.exists():
+        return json.loads(done_file.read_text())
+    validate = validator(work, task)
+    by_epoch = {e["epoch"]: e for e in record["curve"]}
+
+    def on_epoch_end(epoch: int, run) -> bool:
+        save_model(run.policy, run.tokenizer, unit / "epoch")
+        result = validate_dir(validate, unit / "epoch") if epoch == best else {"nll": validation_nll(validate, unit / "epoch")}
+        checks = [c for c in json.loads(checks_file.read_text()) if c["epoch"] < epoch] if checks_file.exists() else []
+        checks.append({"epoch": epoch, "recorded_nll": by_epoch[epoch]["nll"], "replayed_nll": result["nll"]}
+                      | ({"recorded_accuracy": by_epoch[epoch]["accuracy"], "replayed_accuracy": result["accuracy"]}
+                         if epoch == best else {}))
+        if epoch == best:
+            shutil.rmtree(unit / "best", ignore_errors=True)
+            os.replace(unit / "epoch", unit / "best")
+        atomic_write_text(checks_file, json.dumps(checks, indent=1))
+        logging.info("restore %s seed %d epoch %d: validation NLL/token %.6f (recorded %.6f)%s", task, seed, epoch,
+                     result["nll"], by_epoch[epoch]["nll"],
+                     f", accuracy {result['accuracy']:.1%} (recorded {by_epoch[epoch]['accuracy']:.1%})" if epoch == best else "")
+        return epoch >= best
+
+    t0 = time.time()
+    checks = json.loads(checks_file.read_text()) if checks_file.exists() else []
+    if not any(c["epoch"] == best for c in checks):
+        train(SFTConfig(model=model, data=str(train_file(work, task, seed)), output=str(unit / "run"), seed=seed,
+                        epochs=float(record["max_epochs"]), learning_rate=record["learning_rate"],
+                        bf16="true" if precision == "bf16" else "false", resume=True), on_epoch_end=on_epoch_end)
+        checks = json.loads(checks_file.read_text())
+    last = checks[-1]
+    same = (all(abs(c["replayed_nll"] - c["recorded_nll"]) <= REPRODUCED_NLL for c in checks)
+            and last["replayed_accuracy"] == last["recorded_accuracy"])
+    result = dict(record, replay={"reproduced": same, "checks": checks, "seconds": round(time.time() - t0, 1)})
+    if not same:  # the arms start from the replayed model: judge it by what it measured
+        result.update(validation_accuracy=last["replayed_accuracy"], validation_nll=last["replayed_nll"])
+    atomic_write_text(done_file, json.dumps(result, indent=1))
+    shutil.rmtree(unit / "run" / "checkpoints", ignore_errors=True)
+    shutil.rmtree(unit / "run" / "final", ignore_errors=True)
+    return result
+
+
+def restore_records(work: Path, task: str, record: dict) -> None:
+    """Seed 0's finished tuning trials and the precision timings, copied back from the results
+    file (best_step and the round diagnostics were not kept there: replay_chosen measures them
+    again for the chosen trial); a trial that was running starts over."""
+    from sftjuice.storage import atomic_write_text
+
+    def fraction(pct: str) -> float:  # "27.3%" of the validation prompts -> 82/300
+        n = VALIDATION[1] - VALIDATION[0]
+        return round(float(pct.rstrip("%")) * n / 100) / n
+
+    for run in record.get("trial_runs", []):  # results files written since the restore stage: lossless
+        done_file = work / task / "seed0" / f"arm-{run['arm']}-t{run['trial']}" / "done.json"
+        if not done_file.exists():
+            model_there = run["model"] and Path(run["model"]).exists()
+            atomic_write_text(done_file, json.dumps(run | ({} if model_there else {"model": None}), indent=1))
+    for row in record.get("trials", []):
+        name, t = row["arm"], row["trial"]
+        done_file = work / task / "seed0" / f"arm-{name}-t{t}" / "done.json"
+        if row["val acc"] == "" or done_file.exists():  # "": it was running: it starts over
+            continue
+        curve = [{"epoch": int(e), "step": None, "accuracy": fraction(a), "nll": None}
+                 for e, a in (x.split(":") for x in row["curve"].split())]
+        atomic_write_text(done_file, json.dumps({
+            "task": task, "seed": 0, "arm": name, "method": ARMS[name].method, "trial": t,
+            "settings": {**ARMS[name].fixed, **ARMS[name].trials[t]}, "best_epoch": row["best epoch"], "best_step": None,
+            "validation_accuracy": fraction(row["val acc"]), "validation_nll": float(row["val NLL"]), "curve": curve,
+            "steps": row["steps"], "train_seconds": float(row["train s"]), "validation_seconds": None, "model": None,
+            "rounds": [], "restored_from": f"benchmarks/results/quality-plateau-{task}.json"}, indent=1))
+    speed_file = work / "precision-speed.json"
+    speed = json.loads(speed_file.read_text()) if speed_file.exists() else {"runs": [], "restored_from": "benchmarks/results"}
+    if not any(r["task"] == task for r in speed["runs"]):
+        speed["runs"] += record.get("precision_speed", {}).get("raw", [])
+    if not any(r["task"] == task for r in speed["runs"]):  # older files: the rounded table
+        for r in record.get("precision_speed", {}).get("runs", []):
+            before, after = map(float, r["load before, after"].split(", "))
+            speed["runs"].append({"task": task, "precision": r["precision"], "repeat": r["repeat"], "steps": r["steps timed"],
+                                  "seconds_per_step": float(r["s/step (median)"]), "load_before": before, "load_after": after})
+        atomic_write_text(speed_file, json.dumps(speed, indent=1))
+
+
+def replay_chosen(work: Path, task: str, name: str, trial: int) -> dict:
+    """A restored chosen trial's model on seed 0: its settings trained for its recorded best
+    epoch in one run (the arms' schedule is constant, so this equals the tuning run's epoch),
+    validated once against the record."""
+    from sftjuice.api import train
+    from sftjuice.storage import atomic_write_text
+
+    unit = work / task / "seed0" / f"arm-{name}-t{trial}"
+    done = json.loads((unit / "done.json").read_text())
+    if done["model"]:
+        return done
+    t0 = time.time()
+    final = train(arm_config(work, task, 0, name, ARMS[name].trials[trial], done["best_epoch"], unit / "replay"))
+    seconds = time.time() - t0
+    result = validate_dir(validator(work, task), final)
+    shutil.rmtree(unit / ".best.tmp", ignore_errors=True)
+    shutil.copytree(final, unit / ".best.tmp")
+    os.replace(unit / ".best.tmp", unit / "best")
+    records = round_records(unit / "replay")
+    steps = max((json.loads(line).get("step", 0) for line in (unit / "replay" / "metrics.jsonl").read_text().splitlines()),
+                default=0)
+    same = abs(result["nll"] - done["validation_nll"]) <= REPRODUCED_NLL and result["accuracy"] == done["validation_accuracy"]
+    done.update(model=str(unit / "best"), best_step=steps,
+                rounds=[{k: r[k] for k in ("round", "step", "pairs", "identical_pairs", "heldout_margin", "accuracy",
+                                          "acceptance_rate", "loss", "margin") if k in r} for r in records],
+                replay={"reproduced": same, "recorded_accuracy": done["validation_accuracy"],
+                        "replayed_accuracy": result["accuracy"], "recorded_nll": done["validation_nll"],
+                        "replayed_nll": result["nll"], "train_seconds": round(seconds, 1),
+                        "validation_seconds": result["seconds"]})
+    logging.info("restore %s %s trial %d: validation %.1f%% (recorded %.1f%%), NLL/token %.4f (recorded %.4f)", task,
+                 name, trial, 100 * result["accuracy"], 100 * done["validation_accuracy"], result["nll"],
+                 done["validation_nll"])
+    atomic_write_text(unit / "done.json", json.dumps(done, indent=1))
+    shutil.rmtree(unit / "replay" / "checkpoints", ignore_errors=True)
+    shutil.rmtree(unit / "replay" / "final", ignore_errors=True)
+    return done
+
+
+def replay_words(replay: dict) -> str:
+    """A replay's check, for the report: reproduced or not, and by how much."""
+    checks = replay.get("checks", [replay])
+    nll = max(abs(c["replayed_nll"] - c["recorded_nll"]) for c in checks)
+    last = checks[-1]
+    acc = f"val acc {last['replayed_accuracy']:.1%} (recorded {last['recorded_accuracy']:.1%})"
+    return f"{'reproduced' if replay['reproduced'] else 'replay differs'}: {acc}, |NLL diff| <= {nll:.1e}"
+
+
+def restore(args, task: str, started: float) -> None:
+    record = recorded(args.results, task)
+    if not record:
+        print(f"{task}: no results file to restore from")
+        return
+    restore_records(args.work, task, record)
+    for sft in sorted(record["sft_best"], key=lambda d: (d["seed"], d["precision"])):
+        if sft["precision"] != "fp32":  # only fp32 SFT-best starts the arms
+            continue
+        if time.time() - started > 60 * args.budget_minutes:
+            print(f"budget of {args.budget_minutes:.0f} min spent: the rest of the stage runs on the next call")
+            return
+        print(f"== restore {task} SFT-best seed {sft['seed']}", flush=True)
+        restore_sft_best(args.work, task, sft, args.model)
 
 
 # ------------------------------------------------------------------------ report
@@ -531,6 +722,9 @@ def report(args) -> None:
     planned = sft_best_units(args.seeds)
     ran = {(d["task"], d["seed"], d["precision"]) for d in done}
     for task in args.tasks:
+        if not (args.work / task).exists():  # a fresh machine: the committed files are all there is (--stage restore)
+            print(f"{task}: nothing under {args.work / task}; its results files stay as they are")
+            continue
         mine = [d for d in done if d["task"] == task]
         lines = [f"# Plateau benchmark: {task}, {TRAIN_SIZE} demonstrations"
                  + (f" ({TASKS[task]:.0%} with a wrong step)" if TASKS[task] else " (limited data)"), ""]
@@ -556,7 +750,8 @@ def report(args) -> None:
                          "best step": d["best_step"], "val acc": f"{d['validation_accuracy']:.1%}",
                          "val NLL/token": f"{d['validation_nll']:.4f}", "stopped at": d["stopped_at_epoch"],
                          "train s": f"{d['train_seconds']:.0f}", "validation s": f"{d['validation_seconds']:.0f}",
-                         "curve (epoch: acc)": " ".join(f"{e['epoch']}:{e['accuracy']:.0%}" for e in d["curve"])})
+                         "curve (epoch: acc)": " ".join(f"{e['epoch']}:{e['accuracy']:.0%}" for e in d["curve"])}
+                        | ({"restored": replay_words(d["replay"])} if "replay" in d else {}))
         for t, s_, p in planned:  # a unit under way: its curve so far
             curve_file = args.work / t / f"seed{s_}" / f"sft-best-{p}" / "curve.json"
             if t == task and (t, s_, p) not in ran and curve_file.exists():
@@ -565,8 +760,13 @@ def report(args) -> None:
                              "val acc": f"{best_epoch(curve)['accuracy']:.1%}", "stopped at": "running",
                              "curve (epoch: acc)": " ".join(f"{e['epoch']}:{e['accuracy']:.1%}" for e in curve)})
         if rows:
-            lines += [markdown_table(rows, list(rows[0]))]
-            print(f"\n{task}: SFT-best\n" + text_table(rows, list(rows[0])))
+            columns = list(dict.fromkeys(k for row in rows for k in row))
+            lines += [markdown_table(rows, columns)]
+            if any("replay" in d for d in mine):
+                lines += ["restored: the work folder was lost with its machine and rebuilt by `--stage restore`: the "
+                          "recorded schedule retrained to the best epoch, validation NLL/token compared with the "
+                          "recorded curve after every epoch and accuracy at the best epoch (max |difference| shown).", ""]
+            print(f"\n{task}: SFT-best\n" + text_table(rows, columns))
         prec, speed = precision_rows(mine), precision_speed_rows(args.work, task)
         if prec or speed:
             lines += ["## Precision: bf16 autocast against fp32", ""]
@@ -598,6 +798,12 @@ def report(args) -> None:
                   "whose model the arm keeps. Every arm gets the same number of trials; the chosen one has the "
                   "best validation accuracy.", ""]
         lines += [markdown_table(trials, list(trials[0])) if trials else "(to run)\n"]
+        restored = [f"{d['arm']} trial {d['trial']}" for d in load_done(args.work, f"{task}/seed0/arm-*-t*/done.json")
+                    if "restored_from" in d]
+        if restored:
+            lines += [f"Copied back from this file after the work folder was lost (`--stage restore`): {', '.join(restored)}. "
+                      "A chosen trial's model was retrained on seed 0 at its settings for its best epoch before its test "
+                      "evaluation; the arms table says whether that replay reproduced the recorded validation scores.", ""]
         lines += [f"## Arms against continued SFT ({BASELINE}) on the held-out test prompts", ""]
         if arm_results:
             columns = list(dict.fromkeys(k for row in arm_results for k in row))  # SFT-best's row has fewer
@@ -619,7 +825,9 @@ def report(args) -> None:
             "arms": {n: {"method": a.method, "fixed": a.fixed, "trials": a.trials, "max_epochs": a.max_epochs}
                      for n, a in ARMS.items() if n in arms_of(args, task)},
             "sft_best": mine, "trials": trials, "results": arm_results,
-            "precision_speed": {"runs": speed, "bf16_over_fp32": speed_ratio(args.work, task)}})
+            "trial_runs": load_done(args.work, f"{task}/seed0/arm-*-t*/done.json"),
+            "precision_speed": {"runs": speed, "bf16_over_fp32": speed_ratio(args.work, task),
+                                "raw": [r for r in precision_speed_raw(args.work) if r["task"] == task]}})
         if mine:
             series = [(f"seed {d['seed']} {d['precision']}", [e["epoch"] for e in d["curve"]],
                        [100 * e["accuracy"] for e in d["curve"]], None) for d in mine]
@@ -704,6 +912,7 @@ def arm_tables(args, task: str) -> tuple[list[dict], list[dict]]:
                     "train s": f"{statistics.fmean(r['train_seconds'] for r in runs):.0f}",
                     "val acc, NLL (seed 0)": f"{runs[0]['validation_accuracy']:.1%}, {runs[0]['validation_nll']:.4f}"
                     + (" (not above SFT-best)" if best_epoch(runs[0]["curve"])["epoch"] == 0 else "")
+                    + (f"; {replay_words(runs[0]['replay'])}" if "replay" in runs[0] else "")
                     if seeds[name][0] == 0 else ""})
         rounds_all = [x for r in runs for x in r["rounds"]]
         pairs = sum(x.get("pairs", 0) + x.get("identical_pairs", 0) for x in rounds_all)
@@ -810,10 +1019,11 @@ def estimate(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stage", choices=["sft-best", "arms", "precision-speed"],
+    ap.add_argument("--stage", choices=["sft-best", "arms", "precision-speed", "restore"],
                     help="run (or resume) a stage, then report: sft-best, arms (the tuning trials on seed 0, "
                          "then the chosen trial of every arm on every seed, judged on the test prompts), or "
-                         "precision-speed (a training step's seconds in fp32 and bf16, alternated: run it alone, ~10 min)")
+                         "precision-speed (a training step's seconds in fp32 and bf16, alternated: run it alone, ~10 min), "
+                         "or restore (rebuild a lost work folder from the committed results files, retraining SFT-best)")
     ap.add_argument("--arms", nargs="+", choices=list(ARMS), help="default: each task's TASK_ARMS")
     ap.add_argument("--estimate", action="store_true", help="print the stages and their minutes, then exit")
     ap.add_argument("--report", action="store_true", help="rewrite the results files from what has run")
@@ -840,6 +1050,10 @@ def main() -> None:
             sft_best(args.work, task, seed, precision, args.model)
     if args.stage == "precision-speed":
         precision_speed(args.work, args.model)
+    if args.stage == "restore":
+        started = time.time()
+        for task in args.tasks:
+            restore(args, task, started)
     if args.stage == "arms":
         started = time.time()  # one budget for the whole call, not one a task
         for task in args.tasks:
