@@ -650,7 +650,7 @@ def replay_words(replay: dict) -> str:
     nll = max(abs(c["replayed_nll"] - c["recorded_nll"]) for c in checks)
     last = checks[-1]
     acc = f"val acc {last['replayed_accuracy']:.1%} (recorded {last['recorded_accuracy']:.1%})"
-    return f"{'reproduced' if replay['reproduced'] else 'replay differs'}: {acc}, |NLL diff| <= {nll:.1e}"
+    return f"{'reproduced' if replay['reproduced'] else 'replay differs'}: {acc}, NLL/token within {nll:.1e}"
 
 
 def restore(args, task: str, started: float) -> None:
@@ -765,7 +765,7 @@ def report(args) -> None:
             if any("replay" in d for d in mine):
                 lines += ["restored: the work folder was lost with its machine and rebuilt by `--stage restore`: the "
                           "recorded schedule retrained to the best epoch, validation NLL/token compared with the "
-                          "recorded curve after every epoch and accuracy at the best epoch (max |difference| shown).", ""]
+                          "recorded curve after every epoch and accuracy at the best epoch (the largest NLL difference shown).", ""]
             print(f"\n{task}: SFT-best\n" + text_table(rows, columns))
         prec, speed = precision_rows(mine), precision_speed_rows(args.work, task)
         if prec or speed:
