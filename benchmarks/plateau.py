@@ -481,7 +481,7 @@ def run_arms(args, task: str, started: float) -> None:
                                                    .read_text())["best_epoch"]  # trained: >= 1
         print(f"== arm {task} {name} seed {seed} (trial {chosen}" + (f", {epochs} epochs)" if seed else ")"), flush=True)
         run_arm(args.work, task, seed, name, chosen, epochs)
-        if seed == 0:  # a tuning run restored from the results file has no model yet
+        if seed == 0 and not tested(args.work, task, 0, name):  # a restored tuning run has no model yet
             replay_chosen(args.work, task, name, chosen)
         test_eval(args.work, task, seed, name)
 
@@ -567,20 +567,24 @@ def restore_sft_best(work: Path, task: str, record: dict, model: str) -> dict:
 
 
 def restore_records(work: Path, task: str, record: dict) -> None:
-    """Seed 0's finished tuning trials and the precision timings, copied back from the results
-    file (best_step and the round diagnostics were not kept there: replay_chosen measures them
-    again for the chosen trial); a trial that was running starts over."""
+    """The finished arm runs, their test answers and the precision timings, copied back from
+    the results file (files from before the restore stage kept only seed 0's trial table: no
+    best_step or round diagnostics, which replay_chosen measures again for the chosen trial);
+    a unit that was running starts over."""
     from sftjuice.storage import atomic_write_text
 
     def fraction(pct: str) -> float:  # "27.3%" of the validation prompts -> 82/300
         n = VALIDATION[1] - VALIDATION[0]
         return round(float(pct.rstrip("%")) * n / 100) / n
 
-    for run in record.get("trial_runs", []):  # results files written since the restore stage: lossless
-        done_file = work / task / "seed0" / f"arm-{run['arm']}-t{run['trial']}" / "done.json"
+    for run in record.get("arm_runs", []):  # results files written since the restore stage: lossless
+        done_file = work / task / f"seed{run['seed']}" / f"arm-{run['arm']}-t{run['trial']}" / "done.json"
         if not done_file.exists():
             model_there = run["model"] and Path(run["model"]).exists()
             atomic_write_text(done_file, json.dumps(run | ({} if model_there else {"model": None}), indent=1))
+    for where, answers in record.get("test_answers", {}).items():  # judged once: no model needed again
+        if not (work / task / where).exists():
+            atomic_write_text(work / task / where, json.dumps(answers))
     for row in record.get("trials", []):
         name, t = row["arm"], row["trial"]
         done_file = work / task / "seed0" / f"arm-{name}-t{t}" / "done.json"
@@ -603,7 +607,7 @@ def restore_records(work: Path, task: str, record: dict) -> None:
             before, after = map(float, r["load before, after"].split(", "))
             speed["runs"].append({"task": task, "precision": r["precision"], "repeat": r["repeat"], "steps": r["steps timed"],
                                   "seconds_per_step": float(r["s/step (median)"]), "load_before": before, "load_after": after})
-        atomic_write_text(speed_file, json.dumps(speed, indent=1))
+    atomic_write_text(speed_file, json.dumps(speed, indent=1))
 
 
 def replay_chosen(work: Path, task: str, name: str, trial: int) -> dict:
@@ -825,7 +829,9 @@ def report(args) -> None:
             "arms": {n: {"method": a.method, "fixed": a.fixed, "trials": a.trials, "max_epochs": a.max_epochs}
                      for n, a in ARMS.items() if n in arms_of(args, task)},
             "sft_best": mine, "trials": trials, "results": arm_results,
-            "trial_runs": load_done(args.work, f"{task}/seed0/arm-*-t*/done.json"),
+            "arm_runs": load_done(args.work, f"{task}/seed*/arm-*-t*/done.json"),
+            "test_answers": {str(path.relative_to(args.work / task)): json.loads(path.read_text())
+                             for path in sorted((args.work / task).glob("seed*/*/test.json"))},
             "precision_speed": {"runs": speed, "bf16_over_fp32": speed_ratio(args.work, task),
                                 "raw": [r for r in precision_speed_raw(args.work) if r["task"] == task]}})
         if mine:
