@@ -182,12 +182,19 @@ def arm_stops(curve: list[dict], max_epochs: int) -> bool:
 # ------------------------------------------------------------------------ stage 1: SFT-best
 
 
+def sft_best_config(work: Path, task: str, seed: int, precision: str, model: str):
+    from sftjuice.config import SFTConfig
+
+    return SFTConfig(model=model, data=str(train_file(work, task, seed)), seed=seed, resume=True, epochs=float(MAX_EPOCHS),
+                     output=str(work / task / f"seed{seed}" / f"sft-best-{precision}" / "run"), learning_rate=SFT_LR,
+                     bf16="true" if precision == "bf16" else "false")
+
+
 def sft_best(work: Path, task: str, seed: int, precision: str, model: str) -> dict:
     """SFT for up to MAX_EPOCHS epochs from the base model, validated after each; ``best/`` is the
     best epoch's model. Resumable: the SFT run resumes from its last epoch checkpoint and the
     curve (curve.json) is rewritten epoch by epoch, so a kill loses at most one epoch."""
     from sftjuice.algorithms.sft import train
-    from sftjuice.config import SFTConfig
     from sftjuice.models import save_model
     from sftjuice.storage import atomic_write_text
 
@@ -215,9 +222,7 @@ def sft_best(work: Path, task: str, seed: int, precision: str, model: str) -> di
         return patience_spent(curve) or (precision == "bf16" and epoch >= BF16_EPOCHS)
 
     t0 = time.time()
-    cfg = SFTConfig(model=model, data=str(train_file(work, task, seed)), output=str(unit / "run"), seed=seed,
-                    epochs=float(MAX_EPOCHS), learning_rate=SFT_LR, bf16="true" if precision == "bf16" else "false",
-                    resume=True)
+    cfg = sft_best_config(work, task, seed, precision, model)
     curve = json.loads(curve_file.read_text()) if curve_file.exists() else []
     stopped = patience_spent(curve) or (precision == "bf16" and len(curve) >= BF16_EPOCHS)
     if not stopped:  # else: it stopped and was killed before done.json
@@ -328,6 +333,25 @@ def round_records(run_dir: Path) -> list[dict]:
     return [r for r in map(json.loads, lines) if r.get("event") == "round"]
 
 
+def last_step(run_dir: Path) -> int:
+    return max((json.loads(line).get("step", 0) for line in (run_dir / "metrics.jsonl").read_text().splitlines()), default=0)
+
+
+def round_summary(run_dir: Path) -> list[dict]:
+    """Each round's diagnostics the report reads, from the run's metrics."""
+    keys = ("round", "step", "pairs", "identical_pairs", "heldout_margin", "accuracy", "acceptance_rate", "loss", "margin")
+    return [{k: r[k] for k in keys if k in r} for r in round_records(run_dir)]
+
+
+def keep_as_best(final: Path, unit: Path) -> None:
+    """Copy a run's final model to unit/best, replacing any earlier one (a kill leaves either)."""
+    tmp = unit / ".best.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(final, tmp)
+    shutil.rmtree(unit / "best", ignore_errors=True)
+    os.replace(tmp, unit / "best")
+
+
 def arm_config(work: Path, task: str, seed: int, name: str, settings: dict, epochs: int, output: Path):
     """The method's config for ``epochs`` epochs from the seed's fp32 SFT-best: its defaults, the
     task's answer length and verifier where it takes them, the arm's and the trial's settings."""
@@ -377,29 +401,22 @@ def run_arm(work: Path, task: str, seed: int, name: str, trial: int, epochs: int
         final = train(arm_config(work, task, seed, name, settings, epoch, run_dir))
         seconds = time.time() - t0
         result = validate_dir(validate, final) if validate else {"accuracy": None, "nll": None, "seconds": 0.0}
-        steps = max((json.loads(line).get("step", 0) for line in (run_dir / "metrics.jsonl").read_text().splitlines()),
-                    default=0)
+        steps = last_step(run_dir)
         curve.append({"epoch": epoch, "step": steps, "accuracy": result["accuracy"], "nll": result["nll"],
                       "train_seconds": round(seconds, 1), "seconds": result["seconds"]})
         if validate is None or trained_best(curve)["epoch"] == epoch:
-            tmp = unit / ".best.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(final, tmp)
-            shutil.rmtree(unit / "best", ignore_errors=True)
-            os.replace(tmp, unit / "best")
+            keep_as_best(final, unit)
         atomic_write_text(curve_file, json.dumps(curve, indent=1))
         logging.info("%s seed %d %s trial %d epoch %d (%d steps): %s", task, seed, name, trial, epoch, steps,
                      f"validation accuracy {result['accuracy']:.1%}, NLL/token {result['nll']:.4f}" if validate else "trained")
     best = trained_best(curve) if epochs is None else curve[-1]
-    rounds_seen = round_records(run_dir)
     result = {"task": task, "seed": seed, "arm": name, "method": ARMS[name].method, "trial": trial,
               "settings": {**ARMS[name].fixed, **settings}, "best_epoch": best["epoch"], "best_step": best["step"],
               "validation_accuracy": best["accuracy"], "validation_nll": best["nll"], "curve": curve,
               "steps": curve[-1]["step"], "train_seconds": round(sum(e["train_seconds"] for e in curve), 1),
               "validation_seconds": round(sum(e["seconds"] for e in curve), 1),
               "model": str(unit / "best"),
-              "rounds": [{k: r[k] for k in ("round", "step", "pairs", "identical_pairs", "heldout_margin", "accuracy",
-                                            "acceptance_rate", "loss", "margin") if k in r} for r in rounds_seen],
+              "rounds": round_summary(run_dir),
               "load_average": os.getloadavg()}
     atomic_write_text(done_file, json.dumps(result, indent=1))
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
@@ -519,7 +536,6 @@ def validation_nll(validate: Validator, model_dir: Path) -> float:
 def restore_sft_best(work: Path, task: str, record: dict, model: str) -> dict:
     """Retrain a recorded SFT-best unit to its best epoch (see the section comment)."""
     from sftjuice.algorithms.sft import train
-    from sftjuice.config import SFTConfig
     from sftjuice.models import save_model
     from sftjuice.storage import atomic_write_text
 
@@ -550,9 +566,8 @@ def restore_sft_best(work: Path, task: str, record: dict, model: str) -> dict:
     t0 = time.time()
     checks = json.loads(checks_file.read_text()) if checks_file.exists() else []
     if not any(c["epoch"] == best for c in checks):
-        train(SFTConfig(model=model, data=str(train_file(work, task, seed)), output=str(unit / "run"), seed=seed,
-                        epochs=float(record["max_epochs"]), learning_rate=record["learning_rate"],
-                        bf16="true" if precision == "bf16" else "false", resume=True), on_epoch_end=on_epoch_end)
+        assert (record["max_epochs"], record["learning_rate"]) == (MAX_EPOCHS, SFT_LR), "recorded under another schedule"
+        train(sft_best_config(work, task, seed, precision, model), on_epoch_end=on_epoch_end)
         checks = json.loads(checks_file.read_text())
     last = checks[-1]
     same = (all(abs(c["replayed_nll"] - c["recorded_nll"]) <= REPRODUCED_NLL for c in checks)
@@ -625,16 +640,9 @@ def replay_chosen(work: Path, task: str, name: str, trial: int) -> dict:
     final = train(arm_config(work, task, 0, name, ARMS[name].trials[trial], done["best_epoch"], unit / "replay"))
     seconds = time.time() - t0
     result = validate_dir(validator(work, task), final)
-    shutil.rmtree(unit / ".best.tmp", ignore_errors=True)
-    shutil.copytree(final, unit / ".best.tmp")
-    os.replace(unit / ".best.tmp", unit / "best")
-    records = round_records(unit / "replay")
-    steps = max((json.loads(line).get("step", 0) for line in (unit / "replay" / "metrics.jsonl").read_text().splitlines()),
-                default=0)
+    keep_as_best(final, unit)
     same = abs(result["nll"] - done["validation_nll"]) <= REPRODUCED_NLL and result["accuracy"] == done["validation_accuracy"]
-    done.update(model=str(unit / "best"), best_step=steps,
-                rounds=[{k: r[k] for k in ("round", "step", "pairs", "identical_pairs", "heldout_margin", "accuracy",
-                                          "acceptance_rate", "loss", "margin") if k in r} for r in records],
+    done.update(model=str(unit / "best"), best_step=last_step(unit / "replay"), rounds=round_summary(unit / "replay"),
                 replay={"reproduced": same, "recorded_accuracy": done["validation_accuracy"],
                         "replayed_accuracy": result["accuracy"], "recorded_nll": done["validation_nll"],
                         "replayed_nll": result["nll"], "train_seconds": round(seconds, 1),
