@@ -978,10 +978,13 @@ def verdict_text(rows: list[dict]) -> str:
 def estimate(args) -> None:
     """Each planned unit's minutes: measured where it ran, else from the fastest finished unit of
     its task (the machine alone: another job on these 2 cores slows a unit several times)."""
-    done = {(d["task"], d["seed"], d["precision"]): d for d in load_done(args.work, "*/seed*/sft-best-*/done.json")}
+    # a unit the committed results file records has run, whether or not this machine has its work folder
+    done = {(d["task"], d["seed"], d["precision"]): d for d in
+            [d for t in args.tasks for d in recorded(args.results, t).get("sft_best", [])]
+            + load_done(args.work, "*/seed*/sft-best-*/done.json")}
     total = 0.0
     print("stage sft-best (each unit: up to %d epochs, validated after each)" % MAX_EPOCHS)
-    for unit in sft_best_units(args.seeds):
+    for unit in [u for u in sft_best_units(args.seeds) if u[0] in args.tasks]:
         d = done.get(unit)
         if d:
             minutes, how = (d["train_seconds"] + d["validation_seconds"]) / 60, "ran"
@@ -1003,6 +1006,10 @@ def estimate(args) -> None:
             val_epoch = min(d["validation_seconds"] / d["stopped_at_epoch"] for d in sft)
         else:
             sft_epoch, val_epoch = (150, 150) if "multistep" in task else (40, 55)
+        committed = {r["arm"]: r["seeds"] for r in recorded(args.results, task).get("results", [])}
+        if not (args.work / task).exists() and all(committed.get(a) == args.seeds for a in [START, *arms_of(args, task)]):
+            print(f"stage arms, {task}: done (every arm on {args.seeds} seeds in the committed results)")
+            continue
         finished = load_done(args.work, f"{task}/seed*/arm-*/done.json")
         trained = {}  # seconds per training epoch (with its start-up) by arm
         for d in finished:
