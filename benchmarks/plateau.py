@@ -368,6 +368,8 @@ def arm_config(work: Path, task: str, seed: int, name: str, settings: dict, epoc
                "eval_data": str(task_data(work, task)[0]), "eval_size": 16, "lr_scheduler": "constant",
                "per_device_batch_size": ARM_BATCH}
     options = {k: v for k, v in options.items() if k in has}
+    if arm.method == "sft":  # the benchmark stops early on its own validation prompts: SFT's --eval-data
+        del options["eval_data"]  # would also choose among the epochs of one run (a 4-epoch run kept epoch 1)
     start = work / task / f"seed{seed}" / "sft-best-fp32" / "best"
     return cls(model=str(start), data=str(train_file(work, task, seed)), output=str(output), seed=seed, resume=True,
                keep_checkpoints=1, **options, **arm.fixed, **settings, **{arm.grows: epochs})
