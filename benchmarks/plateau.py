@@ -369,7 +369,7 @@ def arm_config(work: Path, task: str, seed: int, name: str, settings: dict, epoc
                "per_device_batch_size": ARM_BATCH}
     options = {k: v for k, v in options.items() if k in has}
     if arm.method == "sft":  # the benchmark stops early on its own validation prompts: SFT's --eval-data
-        del options["eval_data"]  # would also choose among the epochs of one run (a 4-epoch run kept epoch 1)
+        del options["eval_data"], options["verifier"]  # would also choose among one run's epochs (a 4-epoch run kept epoch 1)
     start = work / task / f"seed{seed}" / "sft-best-fp32" / "best"
     return cls(model=str(start), data=str(train_file(work, task, seed)), output=str(output), seed=seed, resume=True,
                keep_checkpoints=1, **options, **arm.fixed, **settings, **{arm.grows: epochs})
