@@ -89,9 +89,9 @@ BASELINE = "sft"  # continued SFT from SFT-best
 # answers leave per-step credit nothing to cut, so steps runs where answers have steps.
 # multistep_arithmetic (30% wrong steps) asks whether verified self-samples correct bad
 # demonstrations (rest, steps, steps-response), beside irft and spin; rft (~7 SFT epochs of
-# compute an epoch) joins there only if the budget allows.
+# compute an epoch) runs there last, so the other arms' 3 seeds came first.
 TASK_ARMS = {"numbers__round_number": ["sft", "irft", "spin", "rft", "rest"],
-             "multistep_arithmetic": ["sft", "irft", "spin", "rest", "steps", "steps-response"]}
+             "multistep_arithmetic": ["sft", "irft", "spin", "rest", "steps", "steps-response", "rft"]}
 # --estimate before an arm has run: its training epoch in SFT epochs (the quality benchmark's
 # one-epoch stages at 128 demonstrations), and each epoch's start-up (loading, reference models)
 ARM_COST = {"sft": 1.0, "irft": 2.5, "spin": 3.5, "rft": 7.0, "rest": 2.5, "steps": 8.0, "steps-response": 4.0}
