@@ -753,6 +753,7 @@ def report(args) -> None:
             ran_it = (unit / "done.json").exists() if kind == "tune" else tested(args.work, task, seed, name)
             what = f"{name} trial {trial}" if kind == "tune" else f"{name}, seed {seed}"
             lines.append(f"| {kind} | {what} | {'done' if ran_it else 'to run'} |")
+        complete = not any(line.endswith("| to run |") or line.endswith("| under way |") for line in lines)
         lines.append("")
         lines += ["## SFT-best", "",
                   f"SFT from the base model (lr {SFT_LR:g}, linear decay over {MAX_EPOCHS} epochs, 8 prompts a step), "
@@ -824,7 +825,7 @@ def report(args) -> None:
             lines += [markdown_table(arm_results, columns),
                       "diff: accuracy minus continued SFT's, in points, mean over seeds and prompts, with the 95% "
                       "paired two-level bootstrap interval (seeds, then prompts shared by all seeds); width in points.", "",
-                      verdict_text(arm_results), ""]
+                      verdict_text(arm_results, complete), ""]
             print(f"\n{task}: arms\n" + text_table(arm_results, columns))
         else:
             lines += ["(to run)", ""]
@@ -947,9 +948,10 @@ VERIFIER_ARMS = ("steps", "steps-response")  # ... and on the noisy task one of 
 VERIFIER_FLOOR = "rest"
 
 
-def verdict_text(rows: list[dict]) -> str:
+def verdict_text(rows: list[dict], complete: bool) -> str:
     """The goal's question, read from the arm table: which arms' intervals exclude 0 against
-    continued SFT (and, for the verifier arms, against rest), and the widest interval."""
+    continued SFT (and, for the verifier arms, against rest), and the widest interval. It is
+    final once every planned unit has run (`complete`), and "so far" until then."""
     diff = f"diff vs {BASELINE} [95%]"
     done = {r["arm"]: r for r in rows if r.get(diff)}
     said = []
@@ -959,7 +961,7 @@ def verdict_text(rows: list[dict]) -> str:
     wins = [a for a in DEMONSTRATION_ONLY if a in done and done[a][diff].endswith("better")]
     widths = [float(r["width"]) for r in done.values() if r.get("width")]
     seeds = min((r["seeds"] for r in done.values()), default=0)
-    text = (f"**Verdict so far** ({seeds}+ seeds per arm): against continued SFT, " + "; ".join(said) + ". "
+    text = (f"**{'Verdict' if complete else 'Verdict so far'}** ({seeds}+ seeds per arm): against continued SFT, " + "; ".join(said) + ". "
             + (f"Demonstration-only arms whose interval excludes 0 above: {', '.join(wins)}. " if wins else
                "No demonstration-only arm (irft, spin, rft) that ran beats continued SFT with an interval excluding 0. ")
             + (f"Widest interval: {max(widths):.1f} points (target: at most 8, i.e. ±4)." if widths else ""))
