@@ -9,9 +9,10 @@ about an hour, each resumable after a kill and committed when it ends:
 
   sft-best   SFT-best per (task, seed), fp32; on seed 0 also bf16 autocast (precision check)
   precision-speed  a training step's seconds in fp32 and bf16, alone and alternated, every task
+  arms       first each arm's tuning trials on the validation split, seed 0, the same count
+             for every arm; then every arm at its chosen trial from SFT-best on 3 seeds,
+             judged on the held-out prompts
   restore    a fresh machine: rebuild the work folder from the committed results files
-  (tune)     trials on the validation split, seed 0, the same count for every arm   [to come]
-  (arms)     every arm from SFT-best, 3 seeds, judged on the held-out prompts          [to come]
 
 Splits (all from the task files shipped in sftjuice/demo_data, disjoint by question):
 training = the first 128 rows of <task>.train.jsonl (multistep_arithmetic: 30% of them with
@@ -88,8 +89,8 @@ BASELINE = "sft"  # continued SFT from SFT-best
 # question (demonstrations only: irft, spin, rft; rest as the verifier floor); its one-line
 # answers leave per-step credit nothing to cut, so steps runs where answers have steps.
 # multistep_arithmetic (30% wrong steps) asks whether verified self-samples correct bad
-# demonstrations (rest, steps, steps-response), beside irft and spin; rft (~7 SFT epochs of
-# compute an epoch) runs there last, so the other arms' 3 seeds came first.
+# demonstrations (rest, steps, steps-response), beside irft and spin; rft (the costliest
+# arm, ARM_COST) ran there last, so the other arms' 3 seeds came first.
 TASK_ARMS = {"numbers__round_number": ["sft", "irft", "spin", "rft", "rest"],
              "multistep_arithmetic": ["sft", "irft", "spin", "rest", "steps", "steps-response", "rft"]}
 # --estimate before an arm has run: its training epoch in SFT epochs (the quality benchmark's

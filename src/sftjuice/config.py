@@ -324,9 +324,10 @@ class RFTConfig(PolicyGradientConfig):
     reward_l2: float = option(0.0, "L2 penalty on the reward values of each pair, bounds the linear loss", ge=0)
     reward_model: str | None = option(None, "reward model's starting point (HF directory); default: the policy's starting model")
     reward_learning_rate: float = option(2e-5, "reward model's peak learning rate (AdamW, same schedule as the policy's; 0 keeps the reward fixed)", ge=0)
-    # defaults this method changes: the plateau benchmark's RFT (T=2) at the learning rate it
-    # chose (it ran RFT on numbers__round_number only: ~7 SFT epochs' time a trial)
-    _defaults = dict(method="rft", rounds=2, learning_rate=_tuned(2e-6, numbers__round_number=2e-6))
+    # defaults this method changes: the plateau benchmark's RFT (T=2) at the learning rate both
+    # tasks chose (its reward's learning rate and steps were not tuned: 2 trials an arm)
+    _defaults = dict(method="rft", rounds=2,
+                     learning_rate=_tuned(2e-6, numbers__round_number=2e-6, multistep_arithmetic=2e-6))
 
     def check(self) -> None:
         super().check()
