@@ -743,18 +743,19 @@ def report(args) -> None:
         mine = [d for d in done if d["task"] == task]
         lines = [f"# Plateau benchmark: {task}, {TRAIN_SIZE} demonstrations"
                  + (f" ({TASKS[task]:.0%} with a wrong step)" if TASKS[task] else " (limited data)"), ""]
-        lines += ["## Stages", "",
-                  "| stage | unit | status |", "|---|---|---|"]
+        stages = []  # (stage, unit, status)
         for t, s, p in planned:
             if t == task:
                 started = (args.work / t / f"seed{s}" / f"sft-best-{p}" / "curve.json").exists()
-                lines.append(f"| sft-best | seed {s}, {p} | {'done' if (t, s, p) in ran else 'under way' if started else 'to run'} |")
+                stages.append(("sft-best", f"seed {s}, {p}", "done" if (t, s, p) in ran else "under way" if started else "to run"))
         for kind, seed, name, trial in arm_units(task, arms_of(args, task), args.seeds):
             unit = args.work / task / f"seed{seed}" / (f"arm-{name}-t{trial}" if kind == "tune" else "")
             ran_it = (unit / "done.json").exists() if kind == "tune" else tested(args.work, task, seed, name)
             what = f"{name} trial {trial}" if kind == "tune" else f"{name}, seed {seed}"
-            lines.append(f"| {kind} | {what} | {'done' if ran_it else 'to run'} |")
-        complete = not any(line.endswith("| to run |") or line.endswith("| under way |") for line in lines)
+            stages.append((kind, what, "done" if ran_it else "to run"))
+        complete = all(status == "done" for *_, status in stages)
+        lines += ["## Stages", "", "| stage | unit | status |", "|---|---|---|"]
+        lines += [f"| {stage} | {unit} | {status} |" for stage, unit, status in stages]
         lines.append("")
         lines += ["## SFT-best", "",
                   f"SFT from the base model (lr {SFT_LR:g}, linear decay over {MAX_EPOCHS} epochs, 8 prompts a step), "
@@ -962,7 +963,8 @@ def verdict_text(rows: list[dict], complete: bool) -> str:
     wins = [a for a in DEMONSTRATION_ONLY if a in done and done[a][diff].endswith("better")]
     widths = [float(r["width"]) for r in done.values() if r.get("width")]
     seeds = min((r["seeds"] for r in done.values()), default=0)
-    text = (f"**{'Verdict' if complete else 'Verdict so far'}** ({seeds}+ seeds per arm): against continued SFT, " + "; ".join(said) + ". "
+    heading = "Verdict" if complete else "Verdict so far"
+    text = (f"**{heading}** ({seeds}+ seeds per arm): against continued SFT, " + "; ".join(said) + ". "
             + (f"Demonstration-only arms whose interval excludes 0 above: {', '.join(wins)}. " if wins else
                "No demonstration-only arm (irft, spin, rft) that ran beats continued SFT with an interval excluding 0. ")
             + (f"Widest interval: {max(widths):.1f} points (target: at most 8, i.e. ±4)." if widths else ""))
