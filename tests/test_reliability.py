@@ -443,6 +443,45 @@ def test_a_second_signal_stops_at_once_and_damages_no_checkpoint(tiny_model_dir,
     assert_same_weights(tmp_path / "straight/final", out / "final")
 
 
+# A harness for the start-up case: a real `sftjuice train` process that gets SIGTERM from inside
+# the import of torch (a meta-path finder raises it as torch is looked up, then lets the usual
+# finders load it), the moment at which raising the stop there could abort the process.
+SIGNAL_IN_IMPORT = """
+import signal, sys
+class SignalOnImport:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            sys.meta_path.remove(self)
+            signal.raise_signal(signal.SIGTERM)
+        return None
+sys.meta_path.insert(0, SignalOnImport())
+from sftjuice.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_stop_signal_inside_an_import_stops_the_run_when_start_up_ends(tiny_model_dir, tmp_path):
+    """A stop raised inside an import can unwind into a C extension's initialisation and abort
+    the process (SIGABRT, seen once in CI as torch loaded). So a signal there is held until
+    start-up ends: the run exits 75 with its one line after claiming its folder, before any
+    step, and resumes to the weights of a run never stopped."""
+    data = write_jsonl(tmp_path / "demos.jsonl", sort_rows(24))
+    args = ["train", "--model", tiny_model_dir, "--data", data, "--seed", "3", "--learning-rate", "1e-3",
+            "--per-device-batch-size", "4"]
+    out = tmp_path / "stopped"
+    proc = subprocess.run([sys.executable, "-c", SIGNAL_IN_IMPORT, "--quiet", *map(str, args), "--output", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == PREEMPTED, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert last_line(proc.stderr) == (f"sftjuice train: SIGTERM: stopped, with no optimiser step to save yet; continue "
+                                      f"with: sftjuice {' '.join(map(str, args))} --output {out} --resume")
+    assert (out / "manifest.json").exists()  # start-up ran to its end: the folder is claimed
+    assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()
+    run_cli(*args, "--output", tmp_path / "straight")
+    run_cli(*args, "--output", out, "--resume")
+    assert_same_weights(tmp_path / "straight/final", out / "final")
+
+
 # ------------------------------------------------------------------- scale of data
 
 

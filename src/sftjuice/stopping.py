@@ -1,7 +1,8 @@
 """Stopping a run on purpose, and what says so: the exit statuses, the stop signals
 (SIGTERM, SIGINT, SIGUSR1: finish the step, checkpoint, exit; a second one: at once) and the
 output folder's lock. Standard library only, so that ``cli`` installs the handlers before it
-imports torch: a signal during start-up stops the run too.
+imports torch: a signal during start-up stops the run too (one inside an import, when start-up
+ends).
 
 :class:`training.Run` does the rest: it checks for a stop after every optimiser step
 (``Run.after_step``) and ends the run after the checkpoint it then writes.
@@ -58,6 +59,7 @@ def resume_command() -> str:
 
 
 _received: int | None = None  # the first stop signal this process received
+_deferred = False  # it came during an import, with nothing to save: the run stops at its next safe point
 _run = None  # the training.Run the handlers serve, once it exists
 _previous_handlers: dict = {}
 
@@ -66,29 +68,54 @@ def signal_received() -> int | None:
     return _received
 
 
+def _nothing_to_save(signum: int, run) -> RunStopped:
+    since = f"since {run.last_checkpoint}" if run is not None and run.last_checkpoint else "yet"
+    return RunStopped(f"{signal.Signals(signum).name}: stopped, with no optimiser step to save {since}; "
+                      f"continue with: {resume_command()}", PREEMPTED)
+
+
+def _in_import(frame) -> bool:
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _on_stop_signal(signum, frame) -> None:
-    global _received
+    global _received, _deferred
     for s in STOP_SIGNALS:  # a second signal stops at once, by the kernel's default action; finished
         signal.signal(s, signal.SIG_DFL)  # checkpoints stay whole (each is written to a .tmp dir, then renamed)
     _received = signum
-    run, name = _run, signal.Signals(signum).name
-    if run is not None and run.unsaved_steps:
+    name = signal.Signals(signum).name
+    if _run is not None and _run.unsaved_steps:
         log.warning("%s: finishing the optimiser step, then saving a checkpoint (a second signal stops at once)", name)
         return
+    if _in_import(frame):
+        # An exception raised inside an import can unwind into a C extension's module
+        # initialisation (torch's), which aborts the process (SIGABRT) instead of passing it on.
+        # So the run stops at its next safe point: the end of start-up (install_stop_handlers
+        # with the run), or, during the run, after its next step (Run.stop_requested).
+        _deferred = _run is None
+        log.warning("%s: stopping %s (a second signal stops at once)", name,
+                    "when start-up ends" if _deferred else "after the next optimiser step")
+        return
     # nothing trained since the last checkpoint (start-up, sampling, writing final/): stop now
-    since = f"since {run.last_checkpoint}" if run is not None and run.last_checkpoint else "yet"
-    raise RunStopped(f"{name}: stopped, with no optimiser step to save {since}; continue with: {resume_command()}",
-                     PREEMPTED)
+    raise _nothing_to_save(signum, _run)
 
 
 def install_stop_handlers(run=None) -> None:
     """SIGTERM, SIGINT and SIGUSR1 stop the run: at once while it has nothing to save, else
     after its optimiser step and a checkpoint (``run``, a :class:`training.Run`, counts the
-    steps it has not saved). Only the main thread can install handlers; from another thread
-    (an API caller's) the signals keep their actions."""
-    global _run, _received
+    steps it has not saved). A signal held since start-up's imports stops the run here, as
+    ``run`` arrives. Only the main thread can install handlers; from another thread (an API
+    caller's) the signals keep their actions."""
+    global _run, _received, _deferred
     if threading.current_thread() is not threading.main_thread():
         return
+    if _deferred and run is not None:  # a signal during start-up's imports: start-up ends here, before any step
+        _deferred = False
+        raise _nothing_to_save(_received, run)
     _run, _received = run, None
     for s in STOP_SIGNALS:
         _previous_handlers.setdefault(s, signal.getsignal(s))
@@ -96,10 +123,10 @@ def install_stop_handlers(run=None) -> None:
 
 
 def uninstall_stop_handlers() -> None:
-    global _run
+    global _run, _deferred
     if threading.current_thread() is not threading.main_thread():
         return
-    _run = None
+    _run, _deferred = None, False
     for s, handler in _previous_handlers.items():
         signal.signal(s, handler)
     _previous_handlers.clear()
