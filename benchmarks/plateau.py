@@ -806,7 +806,7 @@ def report(args) -> None:
                       f"would have been 0 by construction. The trials below now train at least {ARM_MIN_EPOCHS} "
                       f"epochs at {ARM_BATCH} prompts a step, and lr 5e-5 (below SFT-best by 5-15 points for "
                       "irft and spin) left the grid.", "", markdown_table(first, list(first[0])), ""]
-        trials, arm_results = arm_tables(args, task)
+        trials, arm_results, diffs = arm_tables(args, task)
         lines += ["## Tuning trials (seed 0, validation only)", "",
                   f"Each trial trains from seed 0's SFT-best epoch by epoch at {ARM_BATCH} prompts a step, "
                   f"at least {ARM_MIN_EPOCHS} passes over the demonstrations and on while validation accuracy "
@@ -827,7 +827,7 @@ def report(args) -> None:
             lines += [markdown_table(arm_results, columns),
                       "diff: accuracy minus continued SFT's, in points, mean over seeds and prompts, with the 95% "
                       "paired two-level bootstrap interval (seeds, then prompts shared by all seeds); width in points.", "",
-                      verdict_text(arm_results, complete), ""]
+                      verdict_text(arm_results, diffs, complete), ""]
             print(f"\n{task}: arms\n" + text_table(arm_results, columns))
         else:
             lines += ["(to run)", ""]
@@ -876,8 +876,9 @@ def tested(work: Path, task: str, seed: int, name: str) -> dict | None:
     return json.loads((unit / "test.json").read_text()) if unit and (unit / "test.json").exists() else None
 
 
-def arm_tables(args, task: str) -> tuple[list[dict], list[dict]]:
-    """The tuning trials, and each arm's test result against continued SFT over the seeds both have."""
+def arm_tables(args, task: str) -> tuple[list[dict], list[dict], dict]:
+    """The tuning trials, each arm's test result against continued SFT over the seeds both have,
+    and the differences behind that table, by (arm, the arm it is compared with)."""
     from sftjuice.stats import paired_bootstrap_difference
 
     trials = []
@@ -901,14 +902,16 @@ def arm_tables(args, task: str) -> tuple[list[dict], list[dict]]:
     names = [START] + arms_of(args, task)
     seeds = {name: [s for s in range(args.seeds) if tested(args.work, task, s, name)] for name in names}
 
+    diffs = {}
+
     def versus(name: str, other: str) -> tuple[str, str]:
         both = [s for s in seeds[name] if s in seeds[other]]
         if name == other or not both:
             return "", ""
-        d = paired_bootstrap_difference(*([[float(c) for c in tested(args.work, task, s, n)["correct"]] for s in both]
-                                          for n in (name, other)), shared_prompts=True)
-        verdict = "better" if d.low > 0 else "worse" if d.high < 0 else "within noise"
-        return f"{100 * d.mean:+.1f} [{100 * d.low:+.1f}, {100 * d.high:+.1f}] {verdict}", f"{100 * d.width:.1f}"
+        d = diffs[name, other] = paired_bootstrap_difference(
+            *([[float(c) for c in tested(args.work, task, s, n)["correct"]] for s in both] for n in (name, other)),
+            shared_prompts=True)
+        return f"{interval(d)} {noise_word(d)}", f"{100 * d.width:.1f}"
 
     out = []
     for name in names:
@@ -942,7 +945,7 @@ def arm_tables(args, task: str) -> tuple[list[dict], list[dict]]:
             if values:
                 row[label] = f"{statistics.fmean(values):.3f}"
         out.append(row)
-    return trials, out
+    return trials, out, diffs
 
 
 DEMONSTRATION_ONLY = ("irft", "spin", "rft")  # the issue's goal: one of these beats continued SFT
@@ -950,30 +953,35 @@ VERIFIER_ARMS = ("steps", "steps-response")  # ... and on the noisy task one of 
 VERIFIER_FLOOR = "rest"
 
 
-def verdict_text(rows: list[dict], complete: bool) -> str:
-    """The goal's question, read from the arm table: which arms' intervals exclude 0 against
-    continued SFT (and, for the verifier arms, against rest), and the widest interval. It is
-    final once every planned unit has run (`complete`), and "so far" until then."""
-    diff = f"diff vs {BASELINE} [95%]"
-    done = {r["arm"]: r for r in rows if r.get(diff)}
-    said = []
-    for r in done.values():
-        word = r[diff].rsplit("] ", 1)[1]
-        said.append(f"{r['arm']} {r[diff].rsplit(' ', 2 if word == 'within noise' else 1)[0]} ({word})")
-    wins = [a for a in DEMONSTRATION_ONLY if a in done and done[a][diff].endswith("better")]
-    widths = [float(r["width"]) for r in done.values() if r.get("width")]
-    seeds = min((r["seeds"] for r in done.values()), default=0)
+def interval(d) -> str:
+    """A difference in points with its 95% interval: "+1.2 [-0.8, +3.2]"."""
+    return f"{100 * d.mean:+.1f} [{100 * d.low:+.1f}, {100 * d.high:+.1f}]"
+
+
+def noise_word(d) -> str:
+    return "better" if d.low > 0 else "worse" if d.high < 0 else "within noise"
+
+
+def verdict_text(rows: list[dict], diffs: dict, complete: bool) -> str:
+    """The goal's question: which arms' intervals exclude 0 against continued SFT (and, for the
+    verifier arms, against rest), and the widest interval. It is final once every planned unit
+    has run (`complete`), and "so far" until then."""
+    seeds = {r["arm"]: r["seeds"] for r in rows}
+    done = {a: d for (a, other), d in diffs.items() if other == BASELINE}
+    said = [f"{a} {interval(d)} ({noise_word(d)})" for a, d in done.items()]
+    wins = [a for a in DEMONSTRATION_ONLY if a in done and done[a].low > 0]
     heading = "Verdict" if complete else "Verdict so far"
-    text = (f"**{heading}** ({seeds}+ seeds per arm): against continued SFT, " + "; ".join(said) + ". "
+    text = (f"**{heading}** ({min((seeds[a] for a in done), default=0)}+ seeds per arm): against continued SFT, "
+            + "; ".join(said) + ". "
             + (f"Demonstration-only arms whose interval excludes 0 above: {', '.join(wins)}. " if wins else
                "No demonstration-only arm (irft, spin, rft) that ran beats continued SFT with an interval excluding 0. ")
-            + (f"Widest interval: {max(widths):.1f} points (target: at most 8, i.e. ±4)." if widths else ""))
-    floor = f"diff vs {VERIFIER_FLOOR} [95%]"
-    against = {a: done[a][floor] for a in VERIFIER_ARMS if a in done and done[a].get(floor)}
+            + (f"Widest interval: {max(100 * d.width for d in done.values()):.1f} points (target: at most 8, i.e. ±4)."
+               if done else ""))
+    against = {a: diffs[a, VERIFIER_FLOOR] for a in VERIFIER_ARMS if (a, VERIFIER_FLOOR) in diffs}
     if against:
-        beat = [a for a, d in against.items() if d.endswith("better")]
+        beat = [a for a, d in against.items() if d.low > 0]
         text += (f" Against {VERIFIER_FLOOR} (positive-only self-training with the same verifier): "
-                 + "; ".join(f"{a} {d}" for a, d in against.items()) + ". "
+                 + "; ".join(f"{a} {interval(d)} {noise_word(d)}" for a, d in against.items()) + ". "
                  + (f"Verifier arms whose interval excludes 0 above {VERIFIER_FLOOR}: {', '.join(beat)}." if beat else
                     f"No verifier arm beats {VERIFIER_FLOOR} with an interval excluding 0."))
     return text
