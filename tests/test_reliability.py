@@ -460,6 +460,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_a_stop_signal_inside_an_import_stops_the_run_when_start_up_ends(tiny_model_dir, tmp_path):
     """A stop raised inside an import can unwind into a C extension's initialisation and abort
     the process (SIGABRT, seen once in CI as torch loaded). So a signal there is held until
