@@ -911,7 +911,7 @@ def arm_tables(args, task: str) -> tuple[list[dict], list[dict], dict]:
         d = diffs[name, other] = paired_bootstrap_difference(
             *([[float(c) for c in tested(args.work, task, s, n)["correct"]] for s in both] for n in (name, other)),
             shared_prompts=True)
-        return f"{interval(d)} {noise_word(d)}", f"{100 * d.width:.1f}"
+        return f"{d.points()} {d.verdict}", f"{100 * d.width:.1f}"
 
     out = []
     for name in names:
@@ -953,22 +953,13 @@ VERIFIER_ARMS = ("steps", "steps-response")  # ... and on the noisy task one of 
 VERIFIER_FLOOR = "rest"
 
 
-def interval(d) -> str:
-    """A difference in points with its 95% interval: "+1.2 [-0.8, +3.2]"."""
-    return f"{100 * d.mean:+.1f} [{100 * d.low:+.1f}, {100 * d.high:+.1f}]"
-
-
-def noise_word(d) -> str:
-    return "better" if d.low > 0 else "worse" if d.high < 0 else "within noise"
-
-
 def verdict_text(rows: list[dict], diffs: dict, complete: bool) -> str:
     """The goal's question: which arms' intervals exclude 0 against continued SFT (and, for the
     verifier arms, against rest), and the widest interval. It is final once every planned unit
     has run (`complete`), and "so far" until then."""
     seeds = {r["arm"]: r["seeds"] for r in rows}
     done = {a: d for (a, other), d in diffs.items() if other == BASELINE}
-    said = [f"{a} {interval(d)} ({noise_word(d)})" for a, d in done.items()]
+    said = [f"{a} {d.points()} ({d.verdict})" for a, d in done.items()]
     wins = [a for a in DEMONSTRATION_ONLY if a in done and done[a].low > 0]
     heading = "Verdict" if complete else "Verdict so far"
     text = (f"**{heading}** ({min((seeds[a] for a in done), default=0)}+ seeds per arm): against continued SFT, "
@@ -981,7 +972,7 @@ def verdict_text(rows: list[dict], diffs: dict, complete: bool) -> str:
     if against:
         beat = [a for a, d in against.items() if d.low > 0]
         text += (f" Against {VERIFIER_FLOOR} (positive-only self-training with the same verifier): "
-                 + "; ".join(f"{a} {interval(d)} {noise_word(d)}" for a, d in against.items()) + ". "
+                 + "; ".join(f"{a} {d.points()} {d.verdict}" for a, d in against.items()) + ". "
                  + (f"Verifier arms whose interval excludes 0 above {VERIFIER_FLOOR}: {', '.join(beat)}." if beat else
                     f"No verifier arm beats {VERIFIER_FLOOR} with an interval excluding 0."))
     return text

@@ -71,6 +71,16 @@ def test_bad_shapes_raise(method, base, match):
         paired_bootstrap_difference(method, base, resamples=10)
 
 
+@pytest.mark.parametrize("mean, low, high, shown", [
+    (0.027, 0.004, 0.05, "+2.7 [+0.4, +5.0] better"), (-0.027, -0.05, -0.004, "-2.7 [-5.0, -0.4] worse"),
+    (0.012, -0.008, 0.032, "+1.2 [-0.8, +3.2] within noise"),
+    (0.01, 0.0, 0.02, "+1.0 [+0.0, +2.0] within noise"),  # an interval touching 0 does not exclude it
+])
+def test_a_difference_reads_in_points_with_its_verdict(mean, low, high, shown):
+    d = Difference(mean=mean, low=low, high=high, seeds=3, prompts=700)
+    assert f"{d.points()} {d.verdict}" == shown
+
+
 def test_bad_level_raises():
     with pytest.raises(ValueError, match="level"):
         paired_bootstrap_difference([[1]], [[0]], level=95)

@@ -307,10 +307,6 @@ def versus(results: list[dict], baseline: str) -> dict[str, Difference]:
             for r in results if r["stage"] != baseline}
 
 
-def verdict(d: Difference) -> str:
-    return "better" if d.low > 0 else "worse" if d.high < 0 else "within noise"
-
-
 def report(cfg: DemoConfig, out: Path, results: list[dict]) -> None:
     baseline = baseline_of(cfg)
     diffs = versus(results, baseline)
@@ -318,8 +314,7 @@ def report(cfg: DemoConfig, out: Path, results: list[dict]) -> None:
         "stage": r["stage"],
         "accuracy": "{mean:.1%} [{low:.1%}, {high:.1%}]".format(**r["accuracy"]),
         f"vs {baseline} [95%]": "baseline" if r["stage"] == baseline else "" if r["stage"] not in diffs else
-        "{:+.1f} [{:+.1f}, {:+.1f}] {}".format(*(100 * x for x in (diffs[r["stage"]].mean, diffs[r["stage"]].low,
-                                                                   diffs[r["stage"]].high)), verdict(diffs[r["stage"]])),
+        f"{diffs[r['stage']].points()} {diffs[r['stage']].verdict}",
         "answer log-prob/token": "{:.3f} ± {:.3f}".format(r["answer_logprob"]["mean"], r["answer_logprob"]["high"] - r["answer_logprob"]["mean"]),
         "epoch kept": epochs_kept(out / r["stage"]) if r["stage"] != "base" else "",
         "train seconds": f"{r['train_seconds']:.0f}",

@@ -58,6 +58,14 @@ class Difference:
         """True when the interval lies strictly on one side of 0 (a difference at this level)."""
         return self.low > 0 or self.high < 0
 
+    @property
+    def verdict(self) -> str:
+        return "better" if self.low > 0 else "worse" if self.high < 0 else "within noise"
+
+    def points(self) -> str:
+        """In points with the interval, as the reports print it: "+1.2 [-0.8, +3.2]"."""
+        return f"{100 * self.mean:+.1f} [{100 * self.low:+.1f}, {100 * self.high:+.1f}]"
+
 
 def _matrix(scores: list[list[float]], name: str) -> np.ndarray:
     rows = [list(r) for r in scores]
